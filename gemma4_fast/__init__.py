@@ -1,4 +1,26 @@
-"""gemma4-fast: Triton-kernel-accelerated, hooked Gemma 4 runtime for TransformerLens's TransformerBridge."""
+"""gemma4-fast: Triton-kernel-accelerated, hooked Gemma 4 runtime for TransformerLens's TransformerBridge.
+
+``import gemma4_fast`` registers the package's TransformerLens adapter and the ``fast_kernels`` flag of
+``TransformerBridge.boot_transformers``.
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .bridge_integration import (
+    FastKernelsReport,
+    FastKernelsUnavailable,
+    boot_transformers,
+    disable_fast_kernels,
+    enable_fast_kernels,
+    install_boot_flag,
+    register_adapters,
+)
+from .models import build_model, load_model, offline_tokenizer
+from .presets import PRESETS, get_preset
+
+register_adapters()
+install_boot_flag()
+
+__all__ = ["boot_transformers", "enable_fast_kernels", "disable_fast_kernels", "FastKernelsReport",
+           "FastKernelsUnavailable", "build_model", "load_model", "offline_tokenizer", "PRESETS", "get_preset"]

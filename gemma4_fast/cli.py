@@ -93,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     last = logits[0, -1].float()
     probs = torch.softmax(last, -1)
     top = torch.topk(probs, k=min(args.top_k, probs.numel()))
-    toks = ", ".join(f"{tokenizer.decode([int(i)])!r} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+    toks = ", ".join(f"{int(i)}:{tokenizer.decode([int(i)])!r} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
     print(f"  next token : {toks}")
     print(f"  wall time  : boot {t_boot:.2f} s, run_with_cache {t_run * 1e3:.1f} ms")
     return 0
