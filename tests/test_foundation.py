@@ -25,7 +25,7 @@ def _needs_unified(name: str):
 def test_installs_in_fresh_venv(tmp_path):
     """A non-editable install into a new venv imports under one namespace and ships no top-level `kernels`."""
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(ROOT)],
                    check=True, cwd=tmp_path)
