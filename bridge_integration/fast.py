@@ -178,8 +178,9 @@ def _connect_hooks(bridge: Any) -> tuple[list[str], list[Callable[[], None]]]:
         if _is_class(original, "Gemma4TextAttention", "Gemma4UnifiedTextAttention"):
             set_hooks(original, rot_q=comp._modules.get("hook_rot_q"), rot_k=comp._modules.get("hook_rot_k"),
                       scores=comp._modules.get("hook_attn_scores"))
+            _allow_layer_head_dim(comp, original, undo)
         elif _is_class(original, "Gemma4RMSNorm", "Gemma4UnifiedRMSNorm"):
-            set_hooks(original, scale=_add_hook_point(comp, "hook_scale", added),
+            set_hooks(original, scale=_as_divisor(_add_hook_point(comp, "hook_scale", added)),
                       normalized=_add_hook_point(comp, "hook_normalized", added))
         elif _is_class(original, "Gemma4TextRouter"):
             shaper = _block_shaper(_owning_block(bridge, comp), undo)
@@ -194,6 +195,31 @@ def _connect_hooks(bridge: Any) -> tuple[list[str], list[Callable[[], None]]]:
     undo.extend(lambda c=c, n=n: _remove_hook_point(c, n) for c, n in added)
     paths = {id(m): n for n, m in bridge.named_modules()}
     return [f"{paths.get(id(c), '')}.{n}".lstrip(".") for c, n in added], undo
+
+
+def _as_divisor(hook: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module seam carries ``rstd = (mean(x²)+eps)^-0.5``; TransformerLens's ``hook_scale`` (and the
+    ActivationCache tools that divide by it) use the divisor ``sqrt(mean(x²)+eps)``. Convert both ways so
+    edits flow back."""
+    def fn(rstd: torch.Tensor) -> torch.Tensor:
+        return 1.0 / hook(1.0 / rstd)
+    fn.has_hooks = getattr(hook, "has_hooks", lambda: True)  # type: ignore[attr-defined]
+    return fn
+
+
+def _allow_layer_head_dim(comp: nn.Module, original: nn.Module, undo: list[Callable[[], None]]) -> None:
+    """Let TransformerLens split this layer's W_O into heads of the layer's own head_dim.
+
+    Gemma 4 full-attention layers use head_dim 512 beside 256 elsewhere; TransformerLens's head split accepts
+    one extra width per component (``_v_head_dim``), so per-head results (``cache.stack_head_results``,
+    ``compute_head_results``) work across layers whose head_dim differs.
+    """
+    d_head = getattr(getattr(comp, "config", None), "d_head", None)
+    head_dim = getattr(original, "head_dim", None)
+    if not d_head or not head_dim or head_dim == d_head or "_v_head_dim" in comp.__dict__:
+        return
+    comp.__dict__["_v_head_dim"] = int(head_dim)
+    undo.append(lambda: comp.__dict__.pop("_v_head_dim", None))
 
 
 def _owning_block(bridge: Any, comp: nn.Module) -> Optional[nn.Module]:

@@ -107,13 +107,12 @@ def build_model(preset: str | Preset, dtype: str | torch.dtype = torch.float32, 
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     dtype = resolve_dtype(dtype)
-    if num_hidden_layers is not None:
-        text = dict(p.text, num_hidden_layers=num_hidden_layers, layer_types=p.text["layer_types"][:num_hidden_layers])
-        shared = text.get("num_kv_shared_layers", 0)
-        if shared:
-            text["num_kv_shared_layers"] = max(0, min(shared, num_hidden_layers - len(set(text["layer_types"]))))
-        p = Preset(p.name, p.family, text, p.vision, p.audio, None, p.published_note, p.tiny)
-    config = full_config(p) if multimodal else text_config(p)
+    if multimodal:
+        if num_hidden_layers is not None:
+            raise ValueError("num_hidden_layers is only supported for text-only builds")
+        config = full_config(p)
+    else:
+        config = _layer_limited_config(p, num_hidden_layers)
     config._attn_implementation = attn_implementation
     config._experts_implementation = experts_implementation
     if multimodal:
@@ -125,6 +124,72 @@ def build_model(preset: str | Preset, dtype: str | torch.dtype = torch.float32, 
     with _default_dtype(dtype), torch.device(device):
         model = cls(config)
     return model.to(dtype=dtype).eval()
+
+
+def build_model_split(preset: str | Preset, dtype: str | torch.dtype = torch.bfloat16, *,
+                      device_map: dict[str, Any] | str = "balanced", n_devices: int | None = None,
+                      max_memory: dict[Any, Any] | None = None, seed: int = 0, attn_implementation: str = "eager",
+                      experts_implementation: str = "eager", num_hidden_layers: int | None = None):
+    """A random-initialised model placed across several devices without ever holding it whole anywhere.
+
+    The model is built on the meta device, each part is materialised directly on its device (decoder layers
+    are never split), initialised there with HF's own ``_init_weights``, then dispatched with accelerate so
+    activations move between devices as in ``from_pretrained(device_map=...)``. This is how a random-weight
+    model larger than one GPU (31B in bf16) is built for multi-GPU runs.
+
+    Args:
+        preset, dtype, seed, attn_implementation, experts_implementation, num_hidden_layers: as ``build_model``.
+        device_map: an explicit ``{module name: device}`` map, or ``"balanced"`` / ``"auto"`` to let accelerate
+            place whole decoder layers given ``max_memory`` (default: all visible GPUs, or ``n_devices`` of them).
+        n_devices: with a string ``device_map``, use the first ``n_devices`` GPUs.
+        max_memory: per-device budget for the automatic placement (accelerate's format).
+    Returns:
+        the model in eval mode, with ``hf_device_map`` set.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    dtype = resolve_dtype(dtype)
+    config = _layer_limited_config(p, num_hidden_layers)
+    config._attn_implementation = attn_implementation
+    config._experts_implementation = experts_implementation
+    cls = model_class(p)
+    config.architectures = [cls.__name__]
+    with _default_dtype(dtype), torch.device("meta"):
+        model = cls(config)
+    if isinstance(device_map, str):
+        if max_memory is None and n_devices is not None:
+            if n_devices > torch.cuda.device_count():
+                raise ValueError(f"n_devices={n_devices} but only {torch.cuda.device_count()} CUDA devices are visible")
+            max_memory = {i: torch.cuda.get_device_properties(i).total_memory for i in range(n_devices)}
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map == "balanced":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             dtype=dtype)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                           dtype=dtype)
+    torch.manual_seed(seed)
+    for name, dev in sorted(device_map.items(), key=lambda kv: kv[0].count(".")):
+        target = model.get_submodule(name) if name else model
+        target.to_empty(device=torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev))
+    with torch.no_grad():
+        for module in model.modules():
+            model._init_weights(module)
+    model.tie_weights()
+    model = dispatch_model(model, device_map=device_map)
+    return model.eval()
+
+
+def _layer_limited_config(p: Preset, num_hidden_layers: int | None):
+    """The preset's text config, keeping only the first ``num_hidden_layers`` layers when given."""
+    if num_hidden_layers is None:
+        return text_config(p)
+    text = dict(p.text, num_hidden_layers=num_hidden_layers, layer_types=p.text["layer_types"][:num_hidden_layers])
+    shared = text.get("num_kv_shared_layers", 0)
+    if shared:
+        text["num_kv_shared_layers"] = max(0, min(shared, num_hidden_layers - len(set(text["layer_types"]))))
+    return text_config(Preset(p.name, p.family, text, p.vision, p.audio, None, p.published_note, p.tiny))
 
 
 def count_parameters(preset: str | Preset, *, multimodal: bool | None = None) -> int:
