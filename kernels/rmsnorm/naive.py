@@ -1,0 +1,76 @@
+"""Plain PyTorch reference for the Gemma 4 RMSNorm ops.
+
+Mirrors ``transformers.models.gemma4.modeling_gemma4.Gemma4RMSNorm.forward`` (``_norm`` on the fp32
+upcast, ``torch.pow(mean(x**2) + eps, -0.5)``, times ``weight.float()`` when ``with_scale``, cast back
+with ``type_as``; no ``1 + weight`` offset) and the decoder layer's ``residual + norm(hidden_states)``
+followed by the next pre-norm (``Gemma4TextDecoderLayer.forward``).
+
+These functions define the semantics the Triton kernels in ``rmsnorm.py`` must reproduce and are
+the autograd path: they are differentiable.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class RMSNormOutput(NamedTuple):
+    """Result of ``rms_norm`` when an extra output is asked for.
+
+    y: the normed rows, same shape and dtype as ``x``.
+    scale: fp32 ``[..., 1]``, ``(mean(x**2) + eps) ** -0.5`` per row, or None when not asked.
+    normalized: ``x_f32 * scale`` cast to ``x.dtype`` (the rows before the weight), or None.
+    """
+
+    y: torch.Tensor
+    scale: torch.Tensor | None
+    normalized: torch.Tensor | None
+
+
+def rms_norm_naive(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *,
+                   return_scale: bool = False, return_normalized: bool = False):
+    """RMSNorm over the last dim of ``x``, exactly as HF ``Gemma4RMSNorm`` computes it.
+
+    Args:
+        x: ``[..., D]``, any float dtype.
+        weight: ``[D]`` or None (``with_scale=False``).
+        eps: added to the mean square before ``pow(., -0.5)``.
+        return_scale: also return the fp32 ``[..., 1]`` per-row scale.
+        return_normalized: also return ``x_f32 * scale`` cast to ``x.dtype``.
+
+    Returns:
+        ``y`` alone, or ``RMSNormOutput(y, scale, normalized)`` when an extra is asked for.
+    """
+    xf = x.float()
+    scale = torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    normed = xf * scale
+    y = normed * weight.float() if weight is not None else normed
+    y = y.type_as(x)
+    if not (return_scale or return_normalized):
+        return y
+    return RMSNormOutput(y, scale if return_scale else None,
+                         normed.type_as(x) if return_normalized else None)
+
+
+def rms_norm_residual_naive(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                            eps: float = 1e-6, *, next_weight: torch.Tensor | None = None,
+                            next_eps: float | None = None):
+    """``out = residual + rms_norm(x, weight)`` (HF order), optionally with the next pre-norm of ``out``.
+
+    Args:
+        x: ``[..., D]`` (the sublayer output, e.g. attention or MLP output).
+        residual: ``[..., D]``, same shape as ``x``; the sum takes torch's promoted dtype of the two
+            (the residual's dtype when both match), as ``residual + hidden_states`` does in HF.
+        weight: ``[D]`` or None, the post-sublayer norm weight.
+        eps: the post-norm epsilon.
+        next_weight: ``[D]`` or None; when given also return ``rms_norm(out, next_weight, next_eps)``.
+        next_eps: epsilon of the next norm (defaults to ``eps``).
+
+    Returns:
+        ``out``, or ``(out, next_normed)`` when ``next_weight`` is given.
+    """
+    out = residual + rms_norm_naive(x, weight, eps)
+    if next_weight is None:
+        return out
+    return out, rms_norm_naive(out, next_weight, eps if next_eps is None else next_eps)
