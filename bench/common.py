@@ -117,3 +117,23 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+def l2_bytes() -> int:
+    """L2 cache size of the current GPU in bytes (50 MiB, the H100's, when it cannot be read)."""
+    try:
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size)
+    except Exception:
+        return 50 * 2**20
+
+
+def rotation_sets(bytes_per_set: int, *, max_sets: int = 64) -> int:
+    """How many input sets to rotate through so that consecutive calls do not find their inputs in L2.
+
+    1 when one set is already larger than twice the L2; otherwise enough sets that one pass over them
+    exceeds twice the L2 (at most ``max_sets``).
+    """
+    budget = 2 * l2_bytes()
+    if bytes_per_set >= budget:
+        return 1
+    return max(2, min(max_sets, -(-budget // max(int(bytes_per_set), 1))))

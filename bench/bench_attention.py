@@ -1,0 +1,311 @@
+"""Attention benchmarks on the GPU: Triton kernels vs SDPA, FLOPs over visible pairs only.
+
+Script mode (run from the repository root on the GPU machine)::
+
+    python bench/bench_attention.py --compile-only   # launch every kernel variant once (fills the Triton cache)
+    python bench/bench_attention.py --sweep          # time the candidate configs, write the tuned table
+    python bench/bench_attention.py --final          # final table + write_results("attention", rows)
+
+``--sweep`` writes ``<out>/<gpu-slug>.json`` in the ``kernels/attention/configs/`` format (copy it
+there to ship it) and ``<out>/attention_sweep.json``; ``<out>`` is $GEMMA4_FAST_RESULTS or
+``bench/results/<gpu-slug>``. pytest-benchmark suite: ``pytest bench/bench_attention.py`` (skipped
+without CUDA).
+
+Metrics: prefill TFLOP/s = 4 * visible_pairs * D * Hq * B / t (SDPA is timed in the same run as the
+ratio base); decode GB/s = bytes of the visible K/V rows read (plus q, o) / t, timed as CUDA-graph
+replays over rotated input sets larger than L2; pattern emission GB/s = bytes of the written
+``[B, Hq, Sq, Sk]`` tensor / t.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ceilings, cuda_time_ms, gpu_slug, print_table, write_results  # noqa: E402
+
+L2_BYTES = 50 * 2**20
+
+
+def visible_pairs(sq: int, sk: int, window, causal: bool = True) -> int:
+    """Number of (query, key) pairs the mask lets through (no padding)."""
+    if not causal:
+        return sq * sk
+    total = 0
+    for i in range(sq):
+        p = sk - sq + i
+        total += p + 1 if window is None else min(p + 1, window)
+    return total
+
+
+def make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.bfloat16, seed=0):
+    """q/k/v as HF hands them: ``.transpose(1, 2)`` views of ``[B, S, H, D]`` buffers; random, never zeros."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+    k = torch.randn(B, Sk, Hkv, D, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+    v = torch.randn(B, Sk, Hkv, D, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+    return q, k, v
+
+
+def _api():
+    from gemma4_fast.kernels.attention import api, configs, fwd, pattern
+    return api, configs, fwd, pattern
+
+
+def launch_fn(kind, q, k, v, window, cfg, causal=True):
+    """A closure launching one kernel family with an explicit config (no selection policy)."""
+    api, _, F, P = _api()
+    B, Hq, Sq, D = q.shape
+    scale = 1.0
+    if kind == "fwd":
+        o = torch.empty(B, Sq, Hq, D, device="cuda", dtype=q.dtype).permute(0, 2, 1, 3)
+        return lambda: F.attention_fwd(q, k, v, o, None, None, scale=scale, window=window, softcap=None,
+                                       causal=causal, config=cfg)
+    if kind == "split":
+        o = torch.empty(B, Sq, Hq, D, device="cuda", dtype=q.dtype).permute(0, 2, 1, 3)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        return lambda: F.attention_split_fwd(q, k, v, o, None, None, scale=scale, window=window, softcap=None,
+                                             causal=causal, config=cfg, sm_count=sms, new_empty=api._new_empty)
+    out = torch.empty(B, Hq, Sq, k.shape[2], device="cuda", dtype=q.dtype)
+    lse = torch.randn(B, Hq, Sq, device="cuda", dtype=torch.float32).abs() + 5.0
+    return lambda: P.attention_scores_fwd(q, k, out, lse, None, scale=scale, window=window, softcap=None,
+                                          causal=causal, config=cfg)
+
+
+# (kind, name, B, Hq, Hkv, Sq, Sk, D, window)
+SWEEP_CASES = [
+    ("fwd", "hd512 causal", 1, 16, 2, 8192, 8192, 512, None),
+    ("fwd", "hd256 window1024", 1, 16, 8, 16384, 16384, 256, 1024),
+    ("fwd", "hd256 causal", 1, 16, 8, 8192, 8192, 256, None),
+    ("fwd", "hd128 causal", 1, 16, 8, 8192, 8192, 128, None),
+    ("split", "decode hd512", 1, 16, 2, 1, 32768, 512, None),
+    ("split", "decode hd256 w1024", 1, 16, 8, 1, 32768, 256, 1024),
+    ("split", "decode hd256", 1, 16, 8, 1, 32768, 256, None),
+    ("scores", "pattern hd256 w1024", 1, 16, 8, 4096, 4096, 256, 1024),
+    ("scores", "pattern hd512", 1, 16, 2, 4096, 4096, 512, None),
+]
+
+
+def _mode(window):
+    return "causal" if window is None else "window"
+
+
+def sweep(compile_only: bool, out_dir: Path) -> list[dict]:
+    _, C, _, _ = _api()
+    cap = C.capability_of(torch.device("cuda"))
+    rows, table = [], {}
+    for kind, name, B, Hq, Hkv, Sq, Sk, D, window in SWEEP_CASES:
+        if compile_only:
+            Sq, Sk = min(Sq, 256), min(Sk, 1024)
+        q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D)
+        best = None
+        for cfg in C.GENERATORS[kind](D, 2, cap):
+            row = {"case": name, "kind": kind, "cfg": json.dumps(cfg, separators=(",", ":"))}
+            try:
+                fn = launch_fn(kind, q, k, v, window, cfg)
+                fn()
+                torch.cuda.synchronize()
+                if compile_only:
+                    continue
+                t = cuda_time_ms(fn, warmup=2, rep=10)["ms"]
+            except Exception as exc:  # a config that fails to compile or launch is reported, not fatal
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                rows.append(row)
+                continue
+            row["ms"] = round(t, 4)
+            if kind == "fwd":
+                row["TFLOPs"] = round(4 * visible_pairs(Sq, Sk, window) * D * Hq * B / (t * 1e-3) / 1e12, 1)
+            elif kind == "split":
+                keys = min(Sk, window or Sk)
+                row["GBps"] = round(2 * B * Hkv * keys * D * 2 / (t * 1e-3) / 1e9, 1)
+            else:
+                row["GBps"] = round(B * Hq * Sq * Sk * 2 / (t * 1e-3) / 1e9, 1)
+            rows.append(row)
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        if best is not None:
+            for dt in (torch.bfloat16, torch.float16):
+                table[C.table_key(kind, D, dt, _mode(window))] = best[1]
+        del q, k, v
+        torch.cuda.empty_cache()
+    for key in list(table):
+        for mode in ("causal", "window", "full"):
+            parts = key.split("/")
+            table.setdefault("/".join(parts[:3] + [mode]), table[key])
+    if compile_only:
+        warm_public()
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        doc = {"what": "attention kernel configs tuned by bench/bench_attention.py --sweep", "gpu": gpu_slug(),
+               "configs": table}
+        (out_dir / f"{gpu_slug()}.json").write_text(json.dumps(doc, indent=1))
+        (out_dir / "attention_sweep.json").write_text(json.dumps(rows, indent=1))
+        print_table(rows, ["case", "cfg", "ms", "TFLOPs", "GBps", "error"])
+    return rows
+
+
+def warm_public() -> None:
+    """Launch every public-op variant the final table uses once, on small inputs (same specialisation)."""
+    from gemma4_fast.kernels.attention import attention, attention_pattern, attention_scores
+    for D, Hq, Hkv, W in [(512, 16, 2, None), (256, 16, 8, 1024), (256, 16, 8, None), (256, 8, 1, 512),
+                          (512, 8, 1, None)]:
+        for sq in (256, 1):
+            q, k, v = make_qkv(1, Hq, Hkv, sq, 1024, D)
+            attention(q, k, v, scale=1.0, window=W)
+            if sq > 1:
+                _, lse = attention(q, k, v, scale=1.0, window=W, return_lse=True)
+                attention_pattern(q, k, scale=1.0, window=W, lse=lse)
+                attention_pattern(q, k, scale=1.0, window=W)
+                attention_scores(q, k, scale=1.0, window=W)
+    torch.cuda.synchronize()
+
+
+def _sdpa(q, k, v, window):
+    import torch.nn.functional as Fn
+    S = q.shape[2]
+    if window is None:
+        return lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=True)
+    i = torch.arange(S, device="cuda")
+    d = i[:, None] - i[None, :]
+    mask = (d >= 0) & (d < window)
+    return lambda: Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+
+
+def _time_ms(fn, slow=False):
+    fn()
+    torch.cuda.synchronize()
+    return cuda_time_ms(fn, warmup=1 if slow else 3, rep=3 if slow else 15)["ms"]
+
+
+def _graph_ms(fns) -> float:
+    """Median ms of one call, from CUDA-graph replays of all ``fns`` back to back (rotated inputs)."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    return cuda_time_ms(g.replay, warmup=3, rep=20)["ms"] / len(fns)
+
+
+def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
+    from gemma4_fast.kernels.attention import attention, attention_pattern, attention_scores
+    rows = []
+    ceil = ceilings()
+    print("ceilings", ceil, flush=True)
+    prefill = [(512, 16, 2, S, None) for S in (4096, 8192, 16384, 32768)]
+    prefill += [(256, 16, 8, S, 1024) for S in (4096, 16384)] + [(256, 16, 8, S, None) for S in (4096, 16384)]
+    prefill += [(256, 8, 1, 16384, 512), (512, 8, 1, 16384, None)]
+    for D, Hq, Hkv, S, W in prefill:
+        q, k, v = make_qkv(1, Hq, Hkv, S, S, D)
+        flops = 4 * visible_pairs(S, S, W) * D * Hq
+        row = {"case": f"prefill hd{D} {'causal' if W is None else f'w{W}'} S={S} H{Hq}/{Hkv}"}
+        t = _time_ms(lambda: attention(q, k, v, scale=1.0, window=W))
+        row.update(ms=round(t, 4), TFLOPs=round(flops / (t * 1e-3) / 1e12, 1))
+        slow_sdpa = D == 512 and S > 16384
+        if with_sdpa and not slow_sdpa:
+            try:
+                ts = _time_ms(_sdpa(q, k, v, W), slow=D == 512 or W is not None)
+                row.update(sdpa_ms=round(ts, 4), sdpa_TFLOPs=round(flops / (ts * 1e-3) / 1e12, 1),
+                           speedup=round(ts / t, 2))
+            except Exception as exc:
+                row["sdpa_error"] = f"{type(exc).__name__}"
+        rows.append(row)
+        print(row, flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    for D, Hq, Hkv, Sk, W in [(512, 16, 2, n, None) for n in (2048, 8192, 32768, 131072)] + \
+                             [(256, 16, 8, 32768, 1024), (256, 8, 1, 32768, 512), (512, 8, 1, 32768, None)]:
+        keys = min(Sk, W or Sk)
+        kv_bytes = 2 * Hkv * keys * D * 2
+        n_sets = max(1, min(16, -(-3 * L2_BYTES // kv_bytes)))
+        sets = [make_qkv(1, Hq, Hkv, 1, Sk, D, seed=i) for i in range(n_sets)]
+        fns = [(lambda q=q, k=k, v=v: attention(q, k, v, scale=1.0, window=W)) for q, k, v in sets]
+        t = _graph_ms(fns)
+        gbps = (kv_bytes + 2 * Hq * D * 2) / (t * 1e-3) / 1e9
+        rows.append({"case": f"decode hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}", "ms": round(t, 4),
+                     "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / (ceil["copy_TBps"] * 1e3), 1),
+                     "sets": n_sets})
+        print(rows[-1], flush=True)
+        del sets, fns
+        torch.cuda.empty_cache()
+    for D, Hq, Hkv, S, W in [(256, 16, 8, 4096, 1024), (512, 16, 2, 4096, None)]:
+        q, k, v = make_qkv(1, Hq, Hkv, S, S, D)
+        out_bytes = Hq * S * S * 2
+        _, lse = attention(q, k, v, scale=1.0, window=W, return_lse=True)
+        for label, fn in [("pattern(lse given)", lambda: attention_pattern(q, k, scale=1.0, window=W, lse=lse)),
+                          ("pattern(lse pass)", lambda: attention_pattern(q, k, scale=1.0, window=W)),
+                          ("scores", lambda: attention_scores(q, k, scale=1.0, window=W))]:
+            t = _time_ms(fn)
+            rows.append({"case": f"{label} hd{D} {'causal' if W is None else f'w{W}'} S={S} H{Hq}/{Hkv}",
+                         "ms": round(t, 4), "GBps": round(out_bytes / (t * 1e-3) / 1e9, 1),
+                         "pct_copy_bw": round(100 * out_bytes / (t * 1e-3) / 1e9 / (ceil["copy_TBps"] * 1e3), 1)})
+            print(rows[-1], flush=True)
+        del q, k, v, lse
+        torch.cuda.empty_cache()
+    path = write_results("attention", rows, out_dir=out_dir, extra={"ceilings": ceil})
+    print("wrote", path)
+    print_table(rows, ["case", "ms", "TFLOPs", "sdpa_TFLOPs", "speedup", "GBps", "pct_copy_bw"])
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--final", action="store_true")
+    ap.add_argument("--no-sdpa", action="store_true")
+    args = ap.parse_args(argv)
+    out_dir = Path(os.environ.get("GEMMA4_FAST_RESULTS") or Path(__file__).resolve().parent / "results" / gpu_slug())
+    if args.compile_only:
+        sweep(True, out_dir)
+    if args.sweep:
+        sweep(False, out_dir)
+    if args.final or not (args.compile_only or args.sweep):
+        final(out_dir, with_sdpa=not args.no_sdpa)
+
+
+# ------------------------------------------------------------------ pytest-benchmark suite
+
+try:
+    import pytest
+except ImportError:  # script mode without pytest
+    pytest = None
+
+if pytest is not None:
+    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+    @needs_cuda
+    @pytest.mark.parametrize("D,Hq,Hkv,S,W", [(512, 16, 2, 4096, None), (256, 16, 8, 16384, 1024),
+                                              (256, 16, 8, 4096, None)])
+    def test_bench_prefill(benchmark, D, Hq, Hkv, S, W):
+        from gemma4_fast.kernels.attention import attention
+        q, k, v = make_qkv(1, Hq, Hkv, S, S, D)
+        fn = lambda: attention(q, k, v, scale=1.0, window=W)  # noqa: E731
+        fn()
+        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)
+
+    @needs_cuda
+    @pytest.mark.parametrize("Sk", [8192, 131072])
+    def test_bench_decode(benchmark, Sk):
+        from gemma4_fast.kernels.attention import attention
+        q, k, v = make_qkv(1, 16, 2, 1, Sk, 512)
+        fn = lambda: attention(q, k, v, scale=1.0)  # noqa: E731
+        fn()
+        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+
+
+if __name__ == "__main__":
+    main()
