@@ -1,6 +1,7 @@
 """gemma4-fast: Triton-kernel-accelerated, hooked Gemma 4 runtime for TransformerLens's TransformerBridge.
 
-``import gemma4_fast`` registers the package's TransformerLens adapter and the ``fast_kernels`` flag of
+``import gemma4_fast`` registers the ``"gemma4_fast"`` attention / mask / experts implementations with
+transformers, the package's TransformerLens adapter, and the ``fast_kernels`` flag of
 ``TransformerBridge.boot_transformers``.
 """
 from __future__ import annotations
@@ -16,11 +17,15 @@ from .bridge_integration import (
     install_boot_flag,
     register_adapters,
 )
-from .models import build_model, load_model, offline_tokenizer
+from .models import build_model, build_model_split, load_model, offline_tokenizer
+from .patch import PatchReport, is_patched, patch_model, unpatch_model
 from .presets import PRESETS, get_preset
+from .registration import register
 
+register()
 register_adapters()
 install_boot_flag()
 
 __all__ = ["boot_transformers", "enable_fast_kernels", "disable_fast_kernels", "FastKernelsReport",
-           "FastKernelsUnavailable", "build_model", "load_model", "offline_tokenizer", "PRESETS", "get_preset"]
+           "FastKernelsUnavailable", "patch_model", "unpatch_model", "is_patched", "PatchReport", "register",
+           "build_model", "build_model_split", "load_model", "offline_tokenizer", "PRESETS", "get_preset"]

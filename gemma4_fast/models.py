@@ -185,10 +185,14 @@ def _layer_limited_config(p: Preset, num_hidden_layers: int | None):
     """The preset's text config, keeping only the first ``num_hidden_layers`` layers when given."""
     if num_hidden_layers is None:
         return text_config(p)
-    text = dict(p.text, num_hidden_layers=num_hidden_layers, layer_types=p.text["layer_types"][:num_hidden_layers])
-    shared = text.get("num_kv_shared_layers", 0)
-    if shared:
-        text["num_kv_shared_layers"] = max(0, min(shared, num_hidden_layers - len(set(text["layer_types"]))))
+    types = list(p.text["layer_types"][:num_hidden_layers])
+    types[-1] = "full_attention"
+    text = dict(p.text, num_hidden_layers=num_hidden_layers, layer_types=types)
+    shared = min(text.get("num_kv_shared_layers", 0), num_hidden_layers - 1)
+    while shared and set(types[:num_hidden_layers - shared]) != set(types):
+        shared -= 1
+    if "num_kv_shared_layers" in text:
+        text["num_kv_shared_layers"] = shared
     return text_config(Preset(p.name, p.family, text, p.vision, p.audio, None, p.published_note, p.tiny))
 
 

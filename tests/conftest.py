@@ -10,6 +10,19 @@ import torch
 # kernel is decorated, so it must be set before any gemma4_fast.kernels module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Tiny tensors: one thread avoids oversubscription on small CI machines (a tiny generate runs ~50x faster).
+    torch.set_num_threads(1)
+    import triton.runtime.interpreter as _interp
+
+    _orig_patch_lang_tensor = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        # numpy >= 2.4 refuses int() on 1-element arrays, which Triton's interpreter uses for run-time loop
+        # bounds: give interpreted tensors an __index__ that reads the single element.
+        _orig_patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
 
 
 def pytest_collection_modifyitems(config, items):

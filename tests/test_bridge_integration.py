@@ -133,30 +133,33 @@ def test_pattern_and_score_edits_change_output(name, target, tok):
 
 
 def test_no_pattern_allocated_without_hooks(tok, monkeypatch):
-    """With nothing hooked on scores/pattern, the O(S²) entry points never run and no S×S buffer is allocated."""
+    """With nothing hooked on scores/pattern, the O(S²) entry points never run and no S×S buffer is allocated
+    (Triton backend: the interpreter on the CPU)."""
     from gemma4_fast import ops
+    from gemma4_fast.kernels._common import interpret_mode
 
-    _, fast = _pair("tiny-dense-k-eq-v", tok)
+    if not torch.cuda.is_available() and not interpret_mode():
+        pytest.skip("needs CUDA or the Triton interpreter")
+    _, fast = _pair("tiny-dense-k-eq-v", tok, backend="triton")
     calls = []
     for fn in ("attention_scores", "attention_pattern", "pattern_apply"):
         if hasattr(ops, fn):
             original = getattr(ops, fn)
             monkeypatch.setattr(ops, fn, lambda *a, _o=original, _n=fn, **k: (calls.append(_n), _o(*a, **k))[1])
-    s = 301
+    s = 131  # prime: an allocation that is a whole number of S×S matrices is a pattern/score buffer
     ids = torch.randint(4, 260, (1, s))
-    heads = fast.cfg.n_heads
-    pattern_bytes = heads * s * s * 4
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fast.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))
+    def square_allocations(names_filter):
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fast.run_with_cache(ids, names_filter=names_filter)
+        return [e.cpu_memory_usage for e in prof.events()
+                if e.cpu_memory_usage >= 2 * s * s and e.cpu_memory_usage % (s * s) == 0]
+
+    assert square_allocations(lambda n: n.endswith("hook_resid_post")) == []
     assert calls == []
-    biggest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
-    assert biggest < pattern_bytes / 2, f"an allocation of {biggest} bytes (pattern: {pattern_bytes})"
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fast.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
-    biggest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
-    assert biggest >= pattern_bytes / 2, "the control run must allocate a pattern"
+    assert square_allocations(lambda n: n.endswith("hook_pattern")), "the control run must allocate a pattern"
+    assert "attention_pattern" in calls or "attention_scores" in calls
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)

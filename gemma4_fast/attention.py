@@ -1,0 +1,312 @@
+"""Fast Gemma 4 text attention: the HF module's steps with the attention itself on the project's ops.
+
+``FastGemma4TextAttention`` subclasses HF's ``Gemma4TextAttention`` without adding parameters or
+submodules: ``q_proj`` / ``q_norm`` / ``k_proj`` / ``k_norm`` / ``v_proj`` / ``v_norm`` / ``o_proj``
+run as modules in HF's order, RoPE uses HF's ``apply_rotary_pos_emb``, KV sharing and the cache
+update are HF's; only the ``softmax(q k^T) v`` step goes to ``gemma4_fast.ops`` (Triton or torch).
+
+Masks. The attention op takes causality, the sliding window and a key padding mask ``[B, Sk]``
+(queries sit at the end of the keys). ``attention_core`` reads the mask it is given as follows:
+
+- None: no padding.
+- 2-D ``[B, L]`` (flash-attention style, True/1 = real key): the key padding mask, aligned to the
+  end of the keys when longer; when shorter than the keys (static cache buffers), the keys are cut
+  to the first L.
+- 4-D bool ``[B, 1, 1, L]`` (what the ``gemma4_fast`` mask function builds): the key padding mask,
+  column j = key j; keys beyond L are cut (static cache buffers). Read without any device sync.
+- any other 4-D mask (bool keep-mask or float additive, ``[B|1, 1|H, Sq, Sk']``, ``Sk' >= Sk``, e.g.
+  built for eager/sdpa): the slow path. The key padding mask is derived as "some query sees key j",
+  the keys are cut to the valid length (from the static cache, else the last key any query sees),
+  and the mask is checked to equal causal ∧ window ∧ padding; if it does the fast op runs, otherwise
+  the attention runs on the explicit mask (scores, mask, softmax, pattern @ v). Logged once each.
+
+Hook seams (``gemma4_fast.hooks``): ``rot_q``, ``rot_k``, ``scores``, ``pattern`` and the
+``pattern_fn`` keyword (TransformerLens). Without an active seam (and without ``output_attentions``)
+only the fused attention op runs and no ``[.., Sq, Sk]`` tensor exists.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers.cache_utils import StaticLayer
+from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
+
+from . import ops
+from .hooks import get_hook, hook_active
+
+HookFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _apply_hook(fn: Optional[HookFn], t: torch.Tensor) -> torch.Tensor:
+    if fn is None:
+        return t
+    out = fn(t)
+    return t if out is None else out
+
+
+def _apply_hooks(fns: Sequence[HookFn], t: torch.Tensor) -> torch.Tensor:
+    for fn in fns:
+        t = _apply_hook(fn, t)
+    return t
+
+
+def _visible(sq: int, sk: int, window: Optional[int], causal: bool, kpm: torch.Tensor) -> torch.Tensor:
+    """causal ∧ window ∧ padding visibility ``[B, 1, Sq, Sk]``, queries at the end of the keys."""
+    pos = torch.arange(sq, device=kpm.device) + (sk - sq)
+    diff = pos[:, None] - torch.arange(sk, device=kpm.device)[None, :]
+    if causal:
+        vis = diff >= 0
+        if window is not None:
+            vis = vis & (diff < window)
+    elif window is not None:
+        vis = diff.abs() < window
+    else:
+        vis = torch.ones(sq, sk, dtype=torch.bool, device=kpm.device)
+    return vis[None, None] & kpm[:, None, None, :]
+
+
+def _fast_flows(q, k, v, *, kpm, scale, window, softcap, causal, backend, scores_hook, pattern_hooks,
+                want_weights, dropout):
+    """Run the op flow the active seams need; returns ``(o [B,Hq,Sq,D], pattern or None)``."""
+    kw = dict(scale=scale, window=window, softcap=softcap, causal=causal, key_padding_mask=kpm, backend=backend)
+    if scores_hook is not None:
+        s = _apply_hook(scores_hook, ops.attention_scores(q, k, **kw))
+        p = _apply_hooks(pattern_hooks, ops.softmax_scores(s, backend=backend))
+        if dropout > 0:
+            p = nn.functional.dropout(p, p=dropout, training=True)
+        return ops.pattern_apply(p, v, backend=backend), p
+    if pattern_hooks or want_weights or dropout > 0:
+        o, lse = ops.attention(q, k, v, return_lse=True, **kw)
+        p = ops.attention_pattern(q, k, lse=lse, **kw)
+        if pattern_hooks or dropout > 0:
+            p = _apply_hooks(pattern_hooks, p)
+            if dropout > 0:
+                p = nn.functional.dropout(p, p=dropout, training=True)
+            o = ops.pattern_apply(p, v, backend=backend)
+        return o, p
+    return ops.attention(q, k, v, **kw), None
+
+
+def _explicit_flow(q, k, v, keep, additive, *, scale, softcap, backend, scores_hook, pattern_hooks, dropout):
+    """Attention on an explicit mask (keep ``[B|1, 1|H, Sq, Sk]`` bool, optional float bias)."""
+    s = ops.attention_scores(q, k, scale=scale, window=None, softcap=softcap, causal=False,
+                             key_padding_mask=None, backend=backend)
+    if additive is not None:
+        s = s + additive.to(s.dtype)
+    s = s.masked_fill(~keep, float("-inf"))
+    s = _apply_hook(scores_hook, s)
+    p = _apply_hooks(pattern_hooks, ops.softmax_scores(s, backend=backend))
+    if dropout > 0:
+        p = nn.functional.dropout(p, p=dropout, training=True)
+    return ops.pattern_apply(p, v, backend=backend), p
+
+
+def _cut_keys(k, v, n: int):
+    return k[:, :, :n], v[:, :, :n]
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], *,
+                   scale: float, window: Optional[int], softcap: Optional[float], causal: bool, backend: str,
+                   scores_hook: Optional[HookFn] = None, pattern_hooks: Sequence[HookFn] = (),
+                   want_weights: bool = False, dropout: float = 0.0,
+                   valid_len_fn: Optional[Callable[[], Optional[int]]] = None):
+    """Attention of one layer with mask handling, seams and backend dispatch.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` queries (post-RoPE), last dim contiguous.
+        k, v: ``[B, Hkv, Sk_raw, D]`` keys/values as the cache returned them (a static cache returns its
+            whole buffer; the valid prefix is found from the mask or ``valid_len_fn``).
+        mask: None, 2-D ``[B, L]`` key padding, 4-D bool ``[B, 1, 1, L]`` key padding, or any 4-D
+            keep/additive mask ``[B|1, 1|Hq, Sq, Sk']`` (slow path; see the module docstring).
+        scale, window, softcap, causal: as the attention op (HF window semantics).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (``gemma4_fast.ops``).
+        scores_hook: the active ``scores`` seam or None; edits change the output.
+        pattern_hooks: active ``pattern`` seams, applied in order; edits change the output.
+        want_weights: return the pattern (``output_attentions``).
+        dropout: attention dropout probability (training); > 0 runs the pattern path.
+        valid_len_fn: returns the number of valid keys of a prefix-filled static cache buffer (or None).
+
+    Returns:
+        ``(o, weights)``: o ``[B, Hq, Sq, D]`` (a view of a ``[B, Sq, Hq, D]`` buffer), weights the
+        ``[B, Hq, Sq, Sk]`` pattern in q's dtype when ``want_weights``, else None.
+    """
+    kw = dict(scale=scale, window=window, softcap=softcap, causal=causal, backend=backend,
+              scores_hook=scores_hook, pattern_hooks=tuple(pattern_hooks), want_weights=want_weights,
+              dropout=dropout)
+    sk = k.shape[-2]
+    kpm = None
+    if mask is None:
+        n = valid_len_fn() if (valid_len_fn is not None and sk > q.shape[-2]) else None
+        if n is not None and n < sk:
+            k, v = _cut_keys(k, v, n)
+    elif mask.dim() == 2:
+        kpm = mask.to(device=q.device, dtype=torch.bool)
+        if kpm.shape[-1] < sk:
+            k, v = _cut_keys(k, v, kpm.shape[-1])
+        kpm = kpm[:, kpm.shape[-1] - k.shape[-2]:]
+    elif mask.dim() == 4 and mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1:
+        kpm = mask[:, 0, 0, :].to(q.device)
+        if kpm.shape[-1] < sk:
+            k, v = _cut_keys(k, v, kpm.shape[-1])
+        kpm = kpm[:, : k.shape[-2]]
+    elif mask.dim() == 4:
+        return _slow_path(q, k, v, mask, valid_len_fn=valid_len_fn, **kw)
+    else:
+        raise ValueError("attention_mask must be None, 2-D [B, L] or 4-D [B, 1, Sq, Sk]; got shape "
+                         f"{tuple(mask.shape)}")
+    if kpm is not None and kpm.shape[0] != q.shape[0]:
+        kpm = kpm.expand(q.shape[0], -1).contiguous()
+    o, p = _fast_flows(q, k, v, kpm=kpm, **kw)
+    return o, (p.to(q.dtype) if (want_weights and p is not None) else None)
+
+
+def _slow_path(q, k, v, mask, *, scale, window, softcap, causal, backend, scores_hook, pattern_hooks,
+               want_weights, dropout, valid_len_fn):
+    """4-D mask: derive the key padding mask, verify causal ∧ window ∧ padding, else use the mask as is."""
+    ops.log_once("attn-4d", "attention got a 4-D mask: deriving the key padding mask (slow path; use "
+                 "attn_implementation='gemma4_fast' for a cheap mask)")
+    sk = k.shape[-2]
+    if mask.shape[-1] < sk:
+        raise ValueError(f"attention_mask covers {mask.shape[-1]} keys but there are {sk}")
+    mask = mask[..., :sk].to(q.device)
+    additive = None
+    if mask.dtype == torch.bool:
+        keep = mask
+        pure = True
+    else:
+        neg = mask <= torch.finfo(mask.dtype).min / 2
+        keep = ~neg
+        pure = bool(((mask == 0) | neg).all())
+        if not pure:
+            additive = mask.masked_fill(neg, 0)
+    n = valid_len_fn() if valid_len_fn is not None else None
+    if n is None:
+        seen = keep.reshape(-1, sk).any(dim=0).nonzero()
+        n = int(seen.max()) + 1 if seen.numel() else sk
+    if n < sk:
+        k, v = _cut_keys(k, v, n)
+        keep = keep[..., :n]
+        additive = None if additive is None else additive[..., :n]
+    b, sq = q.shape[0], q.shape[2]
+    kpm = keep.any(dim=2).any(dim=1).expand(b, -1).contiguous()
+    kw = dict(scale=scale, softcap=softcap, backend=backend, scores_hook=scores_hook,
+              pattern_hooks=tuple(pattern_hooks), dropout=dropout)
+    if pure:
+        full = keep.expand(b, keep.shape[1], sq, keep.shape[-1])
+        if torch.equal(_visible(sq, keep.shape[-1], window, causal, kpm).expand_as(full), full):
+            o, p = _fast_flows(q, k, v, kpm=kpm, window=window, causal=causal, want_weights=want_weights, **kw)
+            return o, (p.to(q.dtype) if (want_weights and p is not None) else None)
+    ops.log_once("attn-explicit", "attention mask is not causal/window/padding (e.g. bidirectional image "
+                 "blocks): attention runs on the explicit mask", logging.INFO)
+    o, p = _explicit_flow(q, k, v, keep, additive, **kw)
+    return o, (p.to(q.dtype) if want_weights else None)
+
+
+def _static_total(cache, layer_idx: Optional[int]) -> Optional[int]:
+    """Tokens seen by a static cache layer (after its update), or None for other layer kinds."""
+    layers = getattr(cache, "layers", None)
+    if layer_idx is None or layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if not isinstance(layer, StaticLayer):
+        return None
+    n = getattr(layer, "cumulative_length_int", None)
+    if n is None:
+        n = layer.cumulative_length
+    return int(n)
+
+
+def _kv_source_layer(config, layer_type: str) -> Optional[int]:
+    """Index of the layer whose keys/values a KV-shared layer of ``layer_type`` reuses."""
+    first_shared = config.num_hidden_layers - (getattr(config, "num_kv_shared_layers", 0) or 0)
+    for i in range(first_shared - 1, -1, -1):
+        if config.layer_types[i] == layer_type:
+            return i
+    return None
+
+
+def seam_hooks(module: nn.Module, pattern_fn: Optional[HookFn] = None):
+    """``(scores_hook, pattern_hooks)`` active on ``module`` (plus an active ``pattern_fn``)."""
+    scores = get_hook(module, "scores")
+    patterns = [fn for fn in (get_hook(module, "pattern"), pattern_fn) if fn is not None and hook_active(fn)]
+    return scores, patterns
+
+
+class FastAttentionMixin:
+    """Forward of the Gemma 4 text attention on ``gemma4_fast.ops``; mixed into HF's attention classes.
+
+    Inputs/outputs are HF's: ``hidden_states [B, S, hidden]``, ``position_embeddings (cos, sin)``
+    ``[B, S, head_dim]``, the layer's mask (see the module docstring), ``shared_kv_states`` (only
+    ``[]`` get/set), ``past_key_values``; returns ``(out [B, S, hidden], weights or None)``; weights are
+    ``[B, H, S, Sk]`` when ``output_attentions`` is requested. ``pattern_fn`` is accepted and popped.
+    """
+
+    accepts_pattern_fn = True
+    _g4f_backend = "auto"
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask, shared_kv_states,
+                past_key_values=None, **kwargs):
+        pattern_fn = kwargs.pop("pattern_fn", None)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        cos, sin = position_embeddings
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        query_states = self.q_norm(query_states)
+        query_states = apply_rotary_pos_emb(query_states, cos, sin, unsqueeze_dim=2)
+        query_states = _apply_hook(get_hook(self, "rot_q"), query_states)
+        query_states = query_states.transpose(1, 2)
+
+        if self.is_kv_shared_layer:
+            key_states, value_states = shared_kv_states[self.layer_type]
+            if key_states.device != query_states.device:
+                key_states = key_states.to(query_states.device)
+                value_states = value_states.to(query_states.device)
+            cache_layer = _kv_source_layer(self.config, self.layer_type)
+        else:
+            key_states = self.k_proj(hidden_states).view(hidden_shape)
+            value_states = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_states
+
+            key_states = self.k_norm(key_states)
+            key_states = apply_rotary_pos_emb(key_states, cos, sin, unsqueeze_dim=2)
+            key_states = _apply_hook(get_hook(self, "rot_k"), key_states)
+            key_states = key_states.transpose(1, 2)
+
+            value_states = self.v_norm(value_states)
+            value_states = value_states.transpose(1, 2)
+
+            if past_key_values is not None:
+                key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+            cache_layer = self.layer_idx
+
+        if self.store_full_length_kv:
+            shared_kv_states[self.layer_type] = key_states, value_states
+
+        scores_hook, pattern_hooks = seam_hooks(self, pattern_fn)
+        if pattern_fn is not None:
+            # TransformerLens's seam: the pattern reaches the bridge through ``pattern_fn`` (only when hooked);
+            # returning it as well would make the bridge re-fire it post hoc as ``hook_attn_scores``.
+            want = False
+        else:
+            want = kwargs.get("output_attentions")
+            if want is None:
+                want = getattr(self.config, "output_attentions", False)
+        valid_len_fn = None
+        if past_key_values is not None:
+            def valid_len_fn():
+                return _static_total(past_key_values, cache_layer)
+
+        attn_output, attn_weights = attention_core(
+            query_states, key_states, value_states, attention_mask,
+            scale=self.scaling, window=self.sliding_window,
+            softcap=getattr(self.config, "attn_logit_softcapping", None), causal=self.is_causal,
+            backend=self._g4f_backend, scores_hook=scores_hook, pattern_hooks=pattern_hooks,
+            want_weights=bool(want), dropout=float(self.attention_dropout or 0.0) if self.training else 0.0,
+            valid_len_fn=valid_len_fn,
+        )
+        attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights

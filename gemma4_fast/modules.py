@@ -1,0 +1,81 @@
+"""Drop-in fast subclasses of HF's Gemma 4 text modules, and the HF-class -> fast-class table.
+
+Each fast class adds no parameter, buffer or submodule to its HF base: patching swaps
+``module.__class__`` in place (see ``gemma4_fast.patch``), so weights, ``state_dict`` keys and any
+wrapper around the module (TransformerBridge's ``original_component``) are untouched.
+
+- ``FastGemma4RMSNorm(Gemma4RMSNorm)``: ``gemma4_fast.norm``.
+- ``FastGemma4TextAttention(Gemma4TextAttention)``: ``gemma4_fast.attention``.
+- ``FastGemma4TextRouter(Gemma4TextRouter)``, ``FastGemma4TextExperts(Gemma4TextExperts)``:
+  ``gemma4_fast.moe``.
+- With transformers' ``gemma4_unified`` family (the encoder-free 12B): ``FastGemma4UnifiedRMSNorm``
+  and ``FastGemma4UnifiedTextAttention`` (same code; that family has no MoE).
+
+Each instance reads its backend from ``_g4f_backend`` (``"auto"``, ``"triton"`` or ``"torch"``, set
+by ``patch_model``) and its hook seams from ``_g4f_hooks`` (``gemma4_fast.hooks``).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextAttention, Gemma4TextExperts,
+                                                        Gemma4TextRouter)
+
+from .attention import FastAttentionMixin
+from .moe import FastExpertsMixin, FastRouterMixin
+from .norm import FastRMSNormMixin
+
+KINDS = ("attention", "rms_norm", "router", "experts")
+
+
+class FastGemma4RMSNorm(FastRMSNormMixin, Gemma4RMSNorm):
+    """``Gemma4RMSNorm`` on the RMSNorm op (``gemma4_fast.norm``)."""
+
+
+class FastGemma4TextAttention(FastAttentionMixin, Gemma4TextAttention):
+    """``Gemma4TextAttention`` on the attention ops (``gemma4_fast.attention``)."""
+
+
+class FastGemma4TextRouter(FastRouterMixin, Gemma4TextRouter):
+    """``Gemma4TextRouter`` on the router op (``gemma4_fast.moe``)."""
+
+
+class FastGemma4TextExperts(FastExpertsMixin, Gemma4TextExperts):
+    """``Gemma4TextExperts`` on the grouped expert op (``gemma4_fast.moe``)."""
+
+
+try:
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import (Gemma4UnifiedRMSNorm,
+                                                                            Gemma4UnifiedTextAttention)
+except ImportError:
+    Gemma4UnifiedRMSNorm = Gemma4UnifiedTextAttention = None
+
+if Gemma4UnifiedRMSNorm is not None:
+    class FastGemma4UnifiedRMSNorm(FastRMSNormMixin, Gemma4UnifiedRMSNorm):
+        """``Gemma4UnifiedRMSNorm`` on the RMSNorm op (``gemma4_fast.norm``)."""
+
+    class FastGemma4UnifiedTextAttention(FastAttentionMixin, Gemma4UnifiedTextAttention):
+        """``Gemma4UnifiedTextAttention`` on the attention ops (``gemma4_fast.attention``)."""
+else:
+    FastGemma4UnifiedRMSNorm = FastGemma4UnifiedTextAttention = None
+
+
+@lru_cache(maxsize=None)
+def fast_class_map() -> dict:
+    """``{HF class: (fast class, kind)}`` for every HF class this transformers has; kind in ``KINDS``."""
+    table = {
+        Gemma4RMSNorm: (FastGemma4RMSNorm, "rms_norm"),
+        Gemma4TextAttention: (FastGemma4TextAttention, "attention"),
+        Gemma4TextRouter: (FastGemma4TextRouter, "router"),
+        Gemma4TextExperts: (FastGemma4TextExperts, "experts"),
+    }
+    if Gemma4UnifiedRMSNorm is not None:
+        table[Gemma4UnifiedRMSNorm] = (FastGemma4UnifiedRMSNorm, "rms_norm")
+        table[Gemma4UnifiedTextAttention] = (FastGemma4UnifiedTextAttention, "attention")
+    return table
+
+
+def fast_classes() -> tuple:
+    """Every fast class of ``fast_class_map``."""
+    return tuple(fast for fast, _ in fast_class_map().values())
+

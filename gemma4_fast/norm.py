@@ -1,0 +1,40 @@
+"""Fast Gemma 4 RMSNorm: HF ``Gemma4RMSNorm`` semantics on ``gemma4_fast.ops.rms_norm``.
+
+Same parameters (``weight`` when ``with_scale``), same attributes (``eps``, ``with_scale``); forward
+maps ``[..., d]`` to ``[..., d]`` in the input dtype with fp32 math and no ``1 + w`` offset.
+
+Seams (``gemma4_fast.hooks``): ``scale`` ``[..., 1]`` fp32 and ``normalized`` ``[..., d]`` fp32. When
+either is active the kernel supplies the per-row scale and the rest runs in torch with
+HookedTransformer's order: ``y = hook_normalized(x_f32 * hook_scale(scale)) * w``, cast to x's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .hooks import get_hook
+
+
+def _apply(fn, t: torch.Tensor) -> torch.Tensor:
+    if fn is None:
+        return t
+    out = fn(t)
+    return t if out is None else out
+
+
+class FastRMSNormMixin:
+    """Forward of ``Gemma4RMSNorm`` (and its unified twin) on the RMSNorm op; see the module docstring."""
+
+    _g4f_backend = "auto"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.with_scale else None
+        hook_scale = get_hook(self, "scale")
+        hook_normalized = get_hook(self, "normalized")
+        if hook_scale is None and hook_normalized is None:
+            return ops.rms_norm(hidden_states, weight, self.eps, backend=self._g4f_backend)
+        res = ops.rms_norm(hidden_states, weight, self.eps, return_scale=True, backend=self._g4f_backend)
+        scale = _apply(hook_scale, res.scale)
+        normalized = _apply(hook_normalized, hidden_states.float() * scale)
+        out = normalized * weight.float() if weight is not None else normalized
+        return out.type_as(hidden_states)

@@ -1,0 +1,157 @@
+"""Backend dispatch between the Triton ops and their plain PyTorch twins, per call.
+
+Every function here takes a ``backend`` keyword:
+
+- ``"torch"``: the naive twin (``*_naive``), plain PyTorch, any device and dtype, differentiable.
+- ``"triton"``: the public Triton op. When the input cannot take it (not on CUDA and the interpreter is
+  off, a dtype other than float16/bfloat16/float32, or autograd needs gradients) the call runs the
+  naive twin instead and the reason is logged once per (op, reason).
+- ``"auto"``: Triton when the input can take it (a CUDA tensor, or a CPU tensor with
+  ``TRITON_INTERPRET=1``), else the naive twin (logged once at debug level).
+
+The kernel packages are looked up at call time (``gemma4_fast.kernels.attention`` /``.moe`` /
+``.rmsnorm``), so code built on these functions does not change when a kernel lands or is replaced.
+Shapes and dtypes are those of the kernel ops; see their docstrings.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Optional
+
+import torch
+
+from gemma4_fast.kernels._common import can_launch, interpret_mode, needs_grad, triton_available
+
+logger = logging.getLogger("gemma4_fast")
+
+BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def log_once(key: str, msg: str, level: int = logging.INFO) -> None:
+    """Log ``msg`` on the ``gemma4_fast`` logger the first time ``key`` is seen."""
+    token = (key, msg)
+    if token in _LOGGED:
+        return
+    _LOGGED.add(token)
+    logger.log(level, msg)
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it is one of ``BACKENDS``; raise ``ValueError`` naming the argument otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def triton_unavailable_reason(t: Optional[torch.Tensor]) -> Optional[str]:
+    """Why a Triton kernel cannot run on ``t`` (None when it can): dtype, device or a missing triton."""
+    if t is None:
+        return "no tensor to place the kernel"
+    if not triton_available():
+        return "triton is not importable"
+    if t.dtype not in KERNEL_DTYPES:
+        return f"dtype {str(t.dtype).replace('torch.', '')} unsupported by kernels"
+    if not can_launch(t):
+        if t.device.type == "cpu" and not interpret_mode():
+            return "no CUDA"
+        return f"device {t.device} unsupported by kernels"
+    return None
+
+
+def resolve(backend: str, op: str, *tensors: Any) -> str:
+    """The backend (``"triton"`` or ``"torch"``) that runs ``op`` on ``tensors`` for requested ``backend``."""
+    if backend == "torch":
+        return "torch"
+    check_backend(backend)
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    why = triton_unavailable_reason(first)
+    if why is None and needs_grad(*tensors):
+        why = "autograd needs gradients"
+    if why is None:
+        return "triton"
+    if backend == "triton":
+        log_once(f"fallback:{op}", f"{op}: backend 'triton' cannot run here ({why}); using the torch op")
+    else:
+        log_once(f"auto:{op}", f"{op}: backend 'auto' picked the torch op ({why})", logging.DEBUG)
+    return "torch"
+
+
+def _pkg(name: str):
+    return importlib.import_module(f"gemma4_fast.kernels.{name}")
+
+
+def _fn(pkg: str, name: str, backend: str):
+    mod = _pkg(pkg)
+    if backend == "torch":
+        naive = getattr(mod, f"{name}_naive", None)
+        if naive is None:
+            naive = getattr(importlib.import_module(f"gemma4_fast.kernels.{pkg}.naive"), name)
+        return naive
+    return getattr(mod, name)
+
+
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, backend: str = "auto",
+             return_scale: bool = False, return_normalized: bool = False):
+    """``gemma4_fast.kernels.rmsnorm.rms_norm`` or ``rms_norm_naive`` (see there for shapes)."""
+    b = resolve(backend, "rms_norm", x, weight)
+    return _fn("rmsnorm", "rms_norm", b)(x, weight, eps, return_scale=return_scale,
+                                         return_normalized=return_normalized)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: Optional[int],
+              softcap: Optional[float], causal: bool = True, key_padding_mask: Optional[torch.Tensor] = None,
+              return_lse: bool = False, backend: str = "auto"):
+    """``attention`` / ``attention_naive``: q ``[B,Hq,Sq,D]``, k/v ``[B,Hkv,Sk,D]``, queries at the end."""
+    b = resolve(backend, "attention", q, k, v)
+    return _fn("attention", "attention", b)(q, k, v, scale=scale, window=window, softcap=softcap, causal=causal,
+                                            key_padding_mask=key_padding_mask, return_lse=return_lse)
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, *, scale: float, window: Optional[int],
+                     softcap: Optional[float], causal: bool = True,
+                     key_padding_mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """``attention_scores`` / ``attention_scores_naive``: ``[B,Hq,Sq,Sk]`` scores, masked with -inf."""
+    b = resolve(backend, "attention_scores", q, k)
+    return _fn("attention", "attention_scores", b)(q, k, scale=scale, window=window, softcap=softcap,
+                                                   causal=causal, key_padding_mask=key_padding_mask)
+
+
+def attention_pattern(q: torch.Tensor, k: torch.Tensor, *, scale: float, window: Optional[int],
+                      softcap: Optional[float], causal: bool = True,
+                      key_padding_mask: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                      backend: str = "auto") -> torch.Tensor:
+    """``attention_pattern`` / ``attention_pattern_naive``: ``[B,Hq,Sq,Sk]`` probabilities."""
+    b = resolve(backend, "attention_pattern", q, k)
+    return _fn("attention", "attention_pattern", b)(q, k, scale=scale, window=window, softcap=softcap,
+                                                    causal=causal, key_padding_mask=key_padding_mask, lse=lse)
+
+
+def pattern_apply(pattern: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``pattern_apply`` / ``pattern_apply_naive``: ``pattern @ v`` with GQA, ``[B,Hq,Sq,D]``."""
+    b = resolve(backend, "pattern_apply", pattern, v)
+    return _fn("attention", "pattern_apply", b)(pattern, v)
+
+
+def softmax_scores(scores: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``softmax_scores``: fp32 softmax over the last dim, all -inf rows give zeros."""
+    b = resolve(backend, "softmax_scores", scores)
+    return _fn("attention", "softmax_scores", b)(scores)
+
+
+def moe_router(x: torch.Tensor, proj_weight: torch.Tensor, scale: torch.Tensor, per_expert_scale: torch.Tensor, *,
+               top_k: int, eps: float, backend: str = "auto"):
+    """``moe_router`` / ``moe_router_naive``: ``(probs [T,E] fp32, top_k_weights [T,k], top_k_index [T,k])``."""
+    b = resolve(backend, "moe_router", x, proj_weight, scale, per_expert_scale)
+    return _fn("moe", "moe_router", b)(x, proj_weight, scale, per_expert_scale, top_k=top_k, eps=eps)
+
+
+def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, return_expert_outputs: bool = False,
+                backend: str = "auto"):
+    """``moe_experts`` / ``moe_experts_naive``: ``y [T,H]`` or ``(y, expert_outputs [T,k,H])``."""
+    b = resolve(backend, "moe_experts", x, top_k_weights, gate_up_proj, down_proj)
+    return _fn("moe", "moe_experts", b)(x, top_k_index, top_k_weights, gate_up_proj, down_proj,
+                                        return_expert_outputs=return_expert_outputs)
