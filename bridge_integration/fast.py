@@ -176,8 +176,8 @@ def _connect_hooks(bridge: Any) -> tuple[list[str], list[Callable[[], None]]]:
     undo: list[Callable[[], None]] = []
     for comp, original in _components(bridge):
         if _is_class(original, "Gemma4TextAttention", "Gemma4UnifiedTextAttention"):
-            set_hooks(original, rot_q=comp._modules.get("hook_rot_q"), rot_k=comp._modules.get("hook_rot_k"),
-                      scores=comp._modules.get("hook_attn_scores"))
+            set_hooks(original, rot_q=_heads_first(comp._modules.get("hook_rot_q")),
+                      rot_k=_heads_first(comp._modules.get("hook_rot_k")), scores=comp._modules.get("hook_attn_scores"))
             _allow_layer_head_dim(comp, original, undo)
         elif _is_class(original, "Gemma4RMSNorm", "Gemma4UnifiedRMSNorm"):
             set_hooks(original, scale=_as_divisor(_add_hook_point(comp, "hook_scale", added)),
@@ -197,14 +197,30 @@ def _connect_hooks(bridge: Any) -> tuple[list[str], list[Callable[[], None]]]:
     return [f"{paths.get(id(c), '')}.{n}".lstrip(".") for c, n in added], undo
 
 
-def _as_divisor(hook: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _mapped(hook: Optional[Callable[[torch.Tensor], torch.Tensor]], into: Callable[[torch.Tensor], torch.Tensor],
+            back: Callable[[torch.Tensor], torch.Tensor]):
+    """A seam callable that shows ``hook`` ``into(t)`` and maps its (possibly edited) result ``back``."""
+    if hook is None:
+        return None
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return back(hook(into(t)))
+    fn.has_hooks = getattr(hook, "has_hooks", lambda: True)  # type: ignore[attr-defined]
+    return fn
+
+
+def _heads_first(hook):
+    """The module seam carries ``[batch, pos, head, d_head]``; the AttentionBridge's ``hook_rot_q`` /
+    ``hook_rot_k`` take HF's ``[batch, head, pos, d_head]`` and show users ``[batch, pos, head, d_head]``
+    through their own conversion."""
+    return _mapped(hook, lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2))
+
+
+def _as_divisor(hook):
     """The module seam carries ``rstd = (mean(x²)+eps)^-0.5``; TransformerLens's ``hook_scale`` (and the
     ActivationCache tools that divide by it) use the divisor ``sqrt(mean(x²)+eps)``. Convert both ways so
     edits flow back."""
-    def fn(rstd: torch.Tensor) -> torch.Tensor:
-        return 1.0 / hook(1.0 / rstd)
-    fn.has_hooks = getattr(hook, "has_hooks", lambda: True)  # type: ignore[attr-defined]
-    return fn
+    return _mapped(hook, torch.reciprocal, torch.reciprocal)
 
 
 def _allow_layer_head_dim(comp: nn.Module, original: nn.Module, undo: list[Callable[[], None]]) -> None:

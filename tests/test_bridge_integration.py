@@ -10,7 +10,6 @@ import logging
 import pytest
 import torch
 
-import gemma4_fast
 from gemma4_fast import FastKernelsUnavailable, boot_transformers, disable_fast_kernels, enable_fast_kernels
 from gemma4_fast.models import build_model, offline_tokenizer, unified_available
 from gemma4_fast.presets import PRESETS, TINY_PRESETS

@@ -12,7 +12,6 @@ import logging
 import pytest
 import torch
 
-from gemma4_fast.kernels._common import interpret_mode
 from gemma4_fast.kernels.moe import (
     moe_align_block_size, moe_align_block_size_naive, moe_experts, moe_experts_naive, moe_router,
     moe_router_naive,
