@@ -4,8 +4,10 @@ Every function here takes a ``backend`` keyword:
 
 - ``"torch"``: the naive twin (``*_naive``), plain PyTorch, any device and dtype, differentiable.
 - ``"triton"``: the public Triton op. When the input cannot take it (not on CUDA and the interpreter is
-  off, a dtype other than float16/bfloat16/float32, or autograd needs gradients) the call runs the
-  naive twin instead and the reason is logged once per (op, reason).
+  off, a dtype other than float16/bfloat16/float32) the call runs the naive twin instead and the reason is
+  logged once per (op, reason). When autograd needs gradients, ``rms_norm``, ``attention`` and
+  ``moe_experts`` (without extra outputs) still run forward on Triton and get their backward by recomputing
+  the naive twin (``_NaiveBackward``): fast forwards, exact gradients; the other ops run the naive twin.
 - ``"auto"``: Triton when the input can take it (a CUDA tensor, or a CPU tensor with
   ``TRITON_INTERPRET=1``), else the naive twin (logged once at debug level).
 
@@ -61,14 +63,17 @@ def triton_unavailable_reason(t: Optional[torch.Tensor]) -> Optional[str]:
     return None
 
 
-def resolve(backend: str, op: str, *tensors: Any) -> str:
-    """The backend (``"triton"`` or ``"torch"``) that runs ``op`` on ``tensors`` for requested ``backend``."""
+def resolve(backend: str, op: str, *tensors: Any, differentiable: bool = False) -> str:
+    """The backend that runs ``op`` on ``tensors`` for requested ``backend``: ``"torch"``, ``"triton"``, or
+    ``"triton+grad"`` (Triton forward, naive-recompute backward; only when ``differentiable``)."""
     if backend == "torch":
         return "torch"
     check_backend(backend)
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
     why = triton_unavailable_reason(first)
     if why is None and needs_grad(*tensors):
+        if differentiable:
+            return "triton+grad"
         why = "autograd needs gradients"
     if why is None:
         return "triton"
@@ -77,6 +82,39 @@ def resolve(backend: str, op: str, *tensors: Any) -> str:
     else:
         log_once(f"auto:{op}", f"{op}: backend 'auto' picked the torch op ({why})", logging.DEBUG)
     return "torch"
+
+
+class _NaiveBackward(torch.autograd.Function):
+    """Forward through a Triton op; backward recomputes its naive twin under autograd and differentiates it.
+
+    Only the tensors in ``tensors`` (positional) are differentiable inputs; ``kwargs`` are passed through. The
+    output must be a single tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, fast, naive, kwargs, *tensors):  # type: ignore[override]
+        ctx.naive, ctx.kwargs = naive, kwargs
+        ctx.save_for_backward(*tensors)
+        return fast(*tensors, **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) if (t is not None and need) else t
+                      for t, need in zip(saved, needs)]
+            out = ctx.naive(*inputs, **ctx.kwargs)
+            wrt = [t for t, need in zip(inputs, needs) if need]
+            grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
+        return (None, None, None, *[next(grads) if need else None for need in needs])
+
+
+def _run(pkg: str, name: str, backend: str, tensors: tuple, kwargs: dict):
+    """Run op ``name`` of kernel package ``pkg`` on the resolved ``backend``."""
+    if backend == "triton+grad":
+        return _NaiveBackward.apply(_fn(pkg, name, "triton"), _fn(pkg, name, "torch"), kwargs, *tensors)
+    return _fn(pkg, name, backend)(*tensors, **kwargs)
 
 
 def _pkg(name: str):
@@ -96,18 +134,19 @@ def _fn(pkg: str, name: str, backend: str):
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, backend: str = "auto",
              return_scale: bool = False, return_normalized: bool = False):
     """``gemma4_fast.kernels.rmsnorm.rms_norm`` or ``rms_norm_naive`` (see there for shapes)."""
-    b = resolve(backend, "rms_norm", x, weight)
-    return _fn("rmsnorm", "rms_norm", b)(x, weight, eps, return_scale=return_scale,
-                                         return_normalized=return_normalized)
+    b = resolve(backend, "rms_norm", x, weight, differentiable=not (return_scale or return_normalized))
+    return _run("rmsnorm", "rms_norm", b, (x, weight),
+                dict(eps=eps, return_scale=return_scale, return_normalized=return_normalized))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: Optional[int],
               softcap: Optional[float], causal: bool = True, key_padding_mask: Optional[torch.Tensor] = None,
               return_lse: bool = False, backend: str = "auto"):
     """``attention`` / ``attention_naive``: q ``[B,Hq,Sq,D]``, k/v ``[B,Hkv,Sk,D]``, queries at the end."""
-    b = resolve(backend, "attention", q, k, v)
-    return _fn("attention", "attention", b)(q, k, v, scale=scale, window=window, softcap=softcap, causal=causal,
-                                            key_padding_mask=key_padding_mask, return_lse=return_lse)
+    b = resolve(backend, "attention", q, k, v, differentiable=not return_lse)
+    return _run("attention", "attention", b, (q, k, v),
+                dict(scale=scale, window=window, softcap=softcap, causal=causal, key_padding_mask=key_padding_mask,
+                     return_lse=return_lse))
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, *, scale: float, window: Optional[int],
@@ -152,6 +191,7 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
                 gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, return_expert_outputs: bool = False,
                 backend: str = "auto"):
     """``moe_experts`` / ``moe_experts_naive``: ``y [T,H]`` or ``(y, expert_outputs [T,k,H])``."""
-    b = resolve(backend, "moe_experts", x, top_k_weights, gate_up_proj, down_proj)
-    return _fn("moe", "moe_experts", b)(x, top_k_index, top_k_weights, gate_up_proj, down_proj,
-                                        return_expert_outputs=return_expert_outputs)
+    b = resolve(backend, "moe_experts", x, top_k_weights, gate_up_proj, down_proj,
+                differentiable=not return_expert_outputs)
+    return _run("moe", "moe_experts", b, (x, top_k_index, top_k_weights, gate_up_proj, down_proj),
+                dict(return_expert_outputs=return_expert_outputs))
