@@ -58,36 +58,41 @@ def _api():
 
 
 def launch_fn(kind, q, k, v, window, cfg, causal=True):
-    """A closure launching one kernel family with an explicit config (no selection policy)."""
+    """``(closure, output)``: one launch of a kernel family with an explicit config (no selection policy)."""
     api, _, F, P = _api()
     B, Hq, Sq, D = q.shape
     scale = 1.0
     if kind == "fwd":
         o = torch.empty(B, Sq, Hq, D, device="cuda", dtype=q.dtype).permute(0, 2, 1, 3)
-        return lambda: F.attention_fwd(q, k, v, o, None, None, scale=scale, window=window, softcap=None,
-                                       causal=causal, config=cfg)
+        return (lambda: F.attention_fwd(q, k, v, o, None, None, scale=scale, window=window, softcap=None,
+                                        causal=causal, config=cfg)), o
     if kind == "split":
         o = torch.empty(B, Sq, Hq, D, device="cuda", dtype=q.dtype).permute(0, 2, 1, 3)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        return lambda: F.attention_split_fwd(q, k, v, o, None, None, scale=scale, window=window, softcap=None,
-                                             causal=causal, config=cfg, sm_count=sms, new_empty=api._new_empty)
+        return (lambda: F.attention_split_fwd(q, k, v, o, None, None, scale=scale, window=window, softcap=None,
+                                              causal=causal, config=cfg, sm_count=sms,
+                                              new_empty=api._new_empty)), o
     out = torch.empty(B, Hq, Sq, k.shape[2], device="cuda", dtype=q.dtype)
-    lse = torch.randn(B, Hq, Sq, device="cuda", dtype=torch.float32).abs() + 5.0
-    return lambda: P.attention_scores_fwd(q, k, out, lse, None, scale=scale, window=window, softcap=None,
-                                          causal=causal, config=cfg)
+    lse = _api()[0].attention_lse(q, k, scale=scale, window=window, causal=causal)
+    return (lambda: P.attention_scores_fwd(q, k, out, lse, None, scale=scale, window=window, softcap=None,
+                                           causal=causal, config=cfg)), out
 
 
-# (kind, name, B, Hq, Hkv, Sq, Sk, D, window)
+# (kind, name, B, Hq, Hkv, Sq, Sk, D, window, length-bucketed table entry)
 SWEEP_CASES = [
-    ("fwd", "hd512 causal", 1, 16, 2, 8192, 8192, 512, None),
-    ("fwd", "hd256 window1024", 1, 16, 8, 16384, 16384, 256, 1024),
-    ("fwd", "hd256 causal", 1, 16, 8, 8192, 8192, 256, None),
-    ("fwd", "hd128 causal", 1, 16, 8, 8192, 8192, 128, None),
-    ("split", "decode hd512", 1, 16, 2, 1, 32768, 512, None),
-    ("split", "decode hd256 w1024", 1, 16, 8, 1, 32768, 256, 1024),
-    ("split", "decode hd256", 1, 16, 8, 1, 32768, 256, None),
-    ("scores", "pattern hd256 w1024", 1, 16, 8, 4096, 4096, 256, 1024),
-    ("scores", "pattern hd512", 1, 16, 2, 4096, 4096, 512, None),
+    ("fwd", "hd512 causal", 1, 16, 2, 8192, 8192, 512, None, False),
+    ("fwd", "hd512 causal 4k", 1, 16, 2, 4096, 4096, 512, None, True),
+    ("fwd", "hd256 window1024", 1, 16, 8, 16384, 16384, 256, 1024, False),
+    ("fwd", "hd256 window1024 4k", 1, 16, 8, 4096, 4096, 256, 1024, True),
+    ("fwd", "hd256 causal", 1, 16, 8, 8192, 8192, 256, None, False),
+    ("fwd", "hd256 causal 4k", 1, 16, 8, 4096, 4096, 256, None, True),
+    ("fwd", "hd128 causal", 1, 16, 8, 8192, 8192, 128, None, False),
+    ("split", "decode hd512", 1, 16, 2, 1, 32768, 512, None, False),
+    ("split", "decode hd512 8k", 1, 16, 2, 1, 8192, 512, None, True),
+    ("split", "decode hd256 w1024", 1, 16, 8, 1, 32768, 256, 1024, False),
+    ("split", "decode hd256", 1, 16, 8, 1, 32768, 256, None, False),
+    ("scores", "pattern hd256 w1024", 1, 16, 8, 4096, 4096, 256, 1024, False),
+    ("scores", "pattern hd512", 1, 16, 2, 4096, 4096, 512, None, False),
 ]
 
 
@@ -95,24 +100,49 @@ def _mode(window):
     return "causal" if window is None else "window"
 
 
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    fin = torch.isfinite(b)
+    return ((a[fin] - b[fin]).norm() / b[fin].norm().clamp_min(1e-30)).item()
+
+
 def sweep(compile_only: bool, out_dir: Path) -> list[dict]:
+    """Time every candidate config per case; a candidate whose output differs from the first (tested)
+    config's by more than 2e-2 relative is rejected. Decode is timed as graph replays over rotated sets."""
     _, C, _, _ = _api()
     cap = C.capability_of(torch.device("cuda"))
     rows, table = [], {}
-    for kind, name, B, Hq, Hkv, Sq, Sk, D, window in SWEEP_CASES:
+    for kind, name, B, Hq, Hkv, Sq, Sk, D, window, bucketed in SWEEP_CASES:
         if compile_only:
             Sq, Sk = min(Sq, 256), min(Sk, 1024)
-        q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D)
-        best = None
+        n_sets = 1
+        if kind == "split":
+            kv_bytes = 2 * B * Hkv * min(Sk, window or Sk) * D * 2
+            n_sets = max(1, min(16, -(-3 * L2_BYTES // kv_bytes)))
+        sets = [make_qkv(B, Hq, Hkv, Sq, Sk, D, seed=i) for i in range(n_sets)]
+        best, ref = None, None
         for cfg in C.GENERATORS[kind](D, 2, cap):
             row = {"case": name, "kind": kind, "cfg": json.dumps(cfg, separators=(",", ":"))}
             try:
-                fn = launch_fn(kind, q, k, v, window, cfg)
+                launches = [launch_fn(kind, q, k, v, window, cfg) for q, k, v in sets]
+                fn, out = launches[0]
+                out.fill_(float("nan"))
                 fn()
                 torch.cuda.synchronize()
                 if compile_only:
                     continue
-                t = cuda_time_ms(fn, warmup=2, rep=10)["ms"]
+                if ref is None:
+                    ref = out.clone()
+                err = _rel(out, ref)
+                row["rel_vs_default"] = round(err, 5)
+                if not err <= 2e-2:
+                    row["error"] = "output differs from the default config"
+                    rows.append(row)
+                    continue
+                if kind == "split":
+                    t = _graph_ms([f for f, _ in launches])
+                else:
+                    t = cuda_time_ms(fn, warmup=2, rep=10)["ms"]
             except Exception as exc:  # a config that fails to compile or launch is reported, not fatal
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                 rows.append(row)
@@ -130,13 +160,14 @@ def sweep(compile_only: bool, out_dir: Path) -> list[dict]:
                 best = (t, cfg)
         if best is not None:
             for dt in (torch.bfloat16, torch.float16):
-                table[C.table_key(kind, D, dt, _mode(window))] = best[1]
-        del q, k, v
+                table[C.table_key(kind, D, dt, _mode(window), Sk if bucketed else None)] = best[1]
+        del sets, ref
         torch.cuda.empty_cache()
     for key in list(table):
-        for mode in ("causal", "window", "full"):
-            parts = key.split("/")
-            table.setdefault("/".join(parts[:3] + [mode]), table[key])
+        parts = key.split("/")
+        if len(parts) == 4:
+            for mode in ("causal", "window", "full"):
+                table.setdefault("/".join(parts[:3] + [mode]), table[key])
     if compile_only:
         warm_public()
     else:
@@ -145,7 +176,7 @@ def sweep(compile_only: bool, out_dir: Path) -> list[dict]:
                "configs": table}
         (out_dir / f"{gpu_slug()}.json").write_text(json.dumps(doc, indent=1))
         (out_dir / "attention_sweep.json").write_text(json.dumps(rows, indent=1))
-        print_table(rows, ["case", "cfg", "ms", "TFLOPs", "GBps", "error"])
+        print_table(rows, ["case", "cfg", "ms", "TFLOPs", "GBps", "rel_vs_default", "error"])
     return rows
 
 
@@ -211,7 +242,8 @@ def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
     for D, Hq, Hkv, S, W in prefill:
         q, k, v = make_qkv(1, Hq, Hkv, S, S, D)
         flops = 4 * visible_pairs(S, S, W) * D * Hq
-        row = {"case": f"prefill hd{D} {'causal' if W is None else f'w{W}'} S={S} H{Hq}/{Hkv}"}
+        row = {"case": f"prefill hd{D} {'causal' if W is None else f'w{W}'} S={S} H{Hq}/{Hkv}", "op": "prefill",
+               "head_dim": D, "S": S, "window": W, "Hq": Hq, "Hkv": Hkv}
         t = _time_ms(lambda: attention(q, k, v, scale=1.0, window=W))
         row.update(ms=round(t, 4), TFLOPs=round(flops / (t * 1e-3) / 1e12, 1))
         slow_sdpa = D == 512 and S > 16384
@@ -226,6 +258,14 @@ def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
         print(row, flush=True)
         del q, k, v
         torch.cuda.empty_cache()
+    for D, Hq, Hkv, S, W in [(512, 16, 2, 8192, None), (256, 16, 8, 16384, 1024)]:
+        q, k, v = make_qkv(1, Hq, Hkv, S, S, D, seed=7)
+        t = _time_ms(lambda: attention(q, k, v, scale=1.0, window=W))
+        rows.append({"case": f"prefill hd{D} {'causal' if W is None else f'w{W}'} S={S} H{Hq}/{Hkv} (repeat)",
+                     "op": "prefill (repeat)", "head_dim": D, "S": S, "window": W, "Hq": Hq, "Hkv": Hkv,
+                     "ms": round(t, 4), "TFLOPs": round(4 * visible_pairs(S, S, W) * D * Hq / (t * 1e-3) / 1e12, 1)})
+        print(rows[-1], flush=True)
+        del q, k, v
     for D, Hq, Hkv, Sk, W in [(512, 16, 2, n, None) for n in (2048, 8192, 32768, 131072)] + \
                              [(256, 16, 8, 32768, 1024), (256, 8, 1, 32768, 512), (512, 8, 1, 32768, None)]:
         keys = min(Sk, W or Sk)
@@ -235,7 +275,8 @@ def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
         fns = [(lambda q=q, k=k, v=v: attention(q, k, v, scale=1.0, window=W)) for q, k, v in sets]
         t = _graph_ms(fns)
         gbps = (kv_bytes + 2 * Hq * D * 2) / (t * 1e-3) / 1e9
-        rows.append({"case": f"decode hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}", "ms": round(t, 4),
+        rows.append({"case": f"decode hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}", "op": "decode",
+                     "head_dim": D, "Sk": Sk, "window": W, "Hq": Hq, "Hkv": Hkv, "ms": round(t, 4),
                      "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / (ceil["copy_TBps"] * 1e3), 1),
                      "sets": n_sets})
         print(rows[-1], flush=True)
@@ -250,7 +291,8 @@ def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
                           ("scores", lambda: attention_scores(q, k, scale=1.0, window=W))]:
             t = _time_ms(fn)
             rows.append({"case": f"{label} hd{D} {'causal' if W is None else f'w{W}'} S={S} H{Hq}/{Hkv}",
-                         "ms": round(t, 4), "GBps": round(out_bytes / (t * 1e-3) / 1e9, 1),
+                         "op": label, "head_dim": D, "Sk": S, "window": W, "Hq": Hq, "Hkv": Hkv, "ms": round(t, 4),
+                         "GBps": round(out_bytes / (t * 1e-3) / 1e9, 1),
                          "pct_copy_bw": round(100 * out_bytes / (t * 1e-3) / 1e9 / (ceil["copy_TBps"] * 1e3), 1)})
             print(rows[-1], flush=True)
         del q, k, v, lse
@@ -285,7 +327,13 @@ except ImportError:  # script mode without pytest
     pytest = None
 
 if pytest is not None:
-    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    try:
+        import pytest_benchmark  # noqa: F401
+        _have_benchmark = True
+    except ImportError:
+        _have_benchmark = False
+    needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _have_benchmark),
+                                    reason="needs CUDA and pytest-benchmark")
 
     @needs_cuda
     @pytest.mark.parametrize("D,Hq,Hkv,S,W", [(512, 16, 2, 4096, None), (256, 16, 8, 16384, 1024),

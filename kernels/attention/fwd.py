@@ -1,0 +1,428 @@
+"""Triton attention kernels: prefill (``attention_fwd_kernel``) and split-key decode
+(``attention_split_fwd_kernel`` + ``attention_combine_kernel``), with their launchers.
+
+Scope: q ``[B, Hq, Sq, D]``, k / v ``[B, Hkv, Sk, D]`` of one dtype (bf16, fp16, fp32), any strides
+with a unit stride on D, D <= 512 (padded to ``BLOCK_D``, the next power of two >= 16), GQA through
+``GROUPS = Hq // Hkv`` (no repeat_kv copy), queries at the end of the keys (position ``Sk - Sq + i``).
+
+Visibility is one rule for every mode: with ``diff = pos - j``, key ``j`` is visible iff
+``-WR <= diff <= WL`` and ``j < Sk`` and (with a padding mask) ``kpm[b, j]``. The launchers set
+``(WL, WR)``: causal ``(W - 1 or BIG, 0)``, bidirectional ``(BIG, BIG)``, bidirectional window
+``(W - 1, W - 1)``. A query block only visits the key blocks of its band ``[pos0 - WL, pos1 + WR]``,
+so a windowed layer costs O(S * W); blocks visible to every row of the query block skip the
+positional mask.
+
+Softmax runs in base 2 on fp32 scores (``qk_scale`` folds ``scale * log2(e)``; with a softcap,
+``s = tanh(qk * scale / cap) * cap * log2(e)``), with the running max guarded so a row with no
+visible key yields ``l = 0``: its output is written as zeros and its LSE as ``-inf``.
+
+The kernels are policy-free: the public wrappers in ``api.py`` validate, pick configs, allocate.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import interpret_mode
+
+LOG2E = 1.4426950408889634
+#: Stand-in for "no limit" on the band offsets (int32-safe when added to positions < 2**30).
+BIG = 1 << 30
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _scores(qk, qk_scale, cap_scale, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        return _tanh(qk * qk_scale) * cap_scale
+    return qk * qk_scale
+
+
+@triton.jit
+def _visible(pos, cols, sk, wl, wr):
+    diff = pos[:, None] - cols[None, :]
+    return (diff <= wl) & (diff >= -wr) & (cols[None, :] < sk)
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos, start_n,
+              SK, WL, WR, qk_scale, cap_scale, DV_LIM,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+              KV_SAME: tl.constexpr, WRITE_O: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block ``[start_n, start_n + BLOCK_N)`` of the online softmax.
+
+    ``v_base`` points at the first of the ``BLOCK_DV`` output columns this program owns (``DV_LIM``
+    of them valid); ``KV_SAME`` reuses the K tile as V (only when ``BLOCK_DV == BLOCK_D``).
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    cols = start_n + offs_n
+    if MASKED:
+        ldmask = (cols[:, None] < SK) & dmask
+    else:
+        ldmask = dmask
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=ldmask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = _scores(qk, qk_scale, cap_scale, HAS_SOFTCAP)
+    if MASKED:
+        vis = _visible(pos, cols, SK, WL, WR)
+        if HAS_KPM:
+            kp = tl.load(kpm_base + cols, mask=cols < SK, other=0) != 0
+            vis = vis & kp[None, :]
+        s = tl.where(vis, s, float("-inf"))
+    elif HAS_KPM:
+        kp = tl.load(kpm_base + cols) != 0
+        s = tl.where(kp[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if WRITE_O:
+        if KV_SAME:
+            v = k
+        else:
+            offs_dv = tl.arange(0, BLOCK_DV)
+            if MASKED:
+                vmask = (cols[:, None] < SK) & (offs_dv[None, :] < DV_LIM)
+            else:
+                vmask = offs_dv[None, :] < DV_LIM
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :], mask=vmask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos, start, end,
+               SK, WL, WR, qk_scale, cap_scale, DV_LIM,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+               KV_SAME: tl.constexpr, WRITE_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               WHILE_LOOP: tl.constexpr):
+    """Key blocks ``start, start + BLOCK_N, ... < end``.
+
+    ``WHILE_LOOP`` (set under ``TRITON_INTERPRET``, whose ``range`` cannot take bounds computed in the
+    kernel) walks the same blocks with a while loop; compiled kernels use a pipelined ``for``.
+    """
+    if WHILE_LOOP:
+        start_n = start
+        while start_n < end:
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
+                                      start_n, SK, WL, WR, qk_scale, cap_scale, DV_LIM, HEAD_DIM, BLOCK_D,
+                                      BLOCK_DV, BLOCK_N,
+                                      MASKED, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(start, end, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
+                                      start_n, SK, WL, WR, qk_scale, cap_scale, DV_LIM, HEAD_DIM, BLOCK_D,
+                                      BLOCK_DV, BLOCK_N,
+                                      MASKED, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["H_Q", "GROUPS", "SQ", "SK", "WL", "WR"])
+def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
+                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_kpmb,
+                         H_Q, GROUPS, SQ, SK, WL, WR, qk_scale, cap_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         HAS_KPM: tl.constexpr, KV_SAME: tl.constexpr, WRITE_O: tl.constexpr,
+                         WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, query head), output columns of one BLOCK_DV chunk.
+
+    Grid ``(cdiv(Sq, BLOCK_M) * (BLOCK_D // BLOCK_DV), B * Hq)``; the D chunks of a query block are
+    adjacent programs (they share Q and K through L2) and each recomputes ``q @ k^T`` (so a split
+    costs 1.5x the dot products at D chunks of half; it buys a smaller accumulator for head_dim 512).
+    Query blocks run heaviest first. ``O`` is written through its strides (D unit-stride); ``LSE``
+    (written by the first chunk) is a ``[B, Hq, Sq]``-contiguous fp32 buffer (natural log); ``KPM``
+    a ``[B, Sk]`` uint8 mask.
+    """
+    N_DV: tl.constexpr = BLOCK_D // BLOCK_DV
+    pid0 = tl.program_id(0)
+    pid_m = tl.num_programs(0) // N_DV - 1 - pid0 // N_DV
+    pid_dv = pid0 % N_DV
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H_Q
+    off_h = pid_bh % H_Q
+    off_hk = off_h // GROUPS
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    rmask = offs_m[:, None] < SQ
+    dv0 = pid_dv * BLOCK_DV
+    dv_lim = HEAD_DIM - dv0
+
+    off_b64 = off_b.to(tl.int64)
+    q_base = Q + off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + dv0
+    kpm_base = KPM + off_b64 * stride_kpmb
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=rmask & dmask, other=0.0)
+
+    shift = SK - SQ
+    pos = offs_m + shift
+    pos0 = start_m + shift
+    pos1 = tl.minimum(start_m + BLOCK_M, SQ) - 1 + shift
+    lo = tl.maximum(pos0 - WL, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(pos1 + WR + 1, SK)
+    full_lo = tl.maximum(pos1 - WL, 0)
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi = (tl.minimum(pos0 + WR + 1, SK) // BLOCK_N) * BLOCK_N
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    b = tl.maximum(full_hi, a)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
+                               lo, a, SK, WL, WR, qk_scale, cap_scale, dv_lim, HEAD_DIM, BLOCK_D, BLOCK_DV,
+                               BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION,
+                               WHILE_LOOP)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
+                               a, b, SK, WL, WR, qk_scale, cap_scale, dv_lim, HEAD_DIM, BLOCK_D, BLOCK_DV,
+                               BLOCK_N, False, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION,
+                               WHILE_LOOP)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
+                               b, hi, SK, WL, WR, qk_scale, cap_scale, dv_lim, HEAD_DIM, BLOCK_D, BLOCK_DV,
+                               BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION,
+                               WHILE_LOOP)
+
+    nonempty = l_i > 0.0
+    if WRITE_O:
+        l_safe = tl.where(nonempty, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        offs_dv = tl.arange(0, BLOCK_DV)
+        o_base = O + off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh + dv0
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
+                 mask=rmask & (offs_dv[None, :] < dv_lim))
+    if WRITE_LSE:
+        if pid_dv == 0:
+            lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+                           float("-inf"))
+            tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=offs_m < SQ)
+
+
+@triton.jit(do_not_specialize=["H_KV", "GROUPS", "SQ", "SK", "WL", "WR", "key_lo", "key_hi", "keys_per_split",
+                              "NUM_SPLITS"])
+def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM,
+                               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                               stride_vb, stride_vh, stride_vn, stride_kpmb,
+                               H_KV, GROUPS, SQ, SK, WL, WR, qk_scale, cap_scale, key_lo, key_hi,
+                               keys_per_split, NUM_SPLITS,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+                               KV_SAME: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                               WHILE_LOOP: tl.constexpr):
+    """Partial attention of all ``GROUPS * Sq`` query rows of one (batch, KV head) over one key chunk.
+
+    Grid ``(NUM_SPLITS, B * Hkv)``. Row ``r`` is query head ``hk * GROUPS + r // Sq``, query
+    ``r % Sq`` (GQA heads packed into the rows, so K/V are read once per KV head). Writes the
+    unnormalised fp32 accumulator ``OP [B*Hkv, NUM_SPLITS, BLOCK_R, BLOCK_D]`` and the base-2 running
+    max / sum ``MP, LP [B*Hkv, NUM_SPLITS, BLOCK_R]`` of its valid rows (every split writes, even an
+    empty one: ``m = -inf, l = 0, o = 0``).
+    """
+    pid_s = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    off_b = pid_bk // H_KV
+    off_hk = pid_bk % H_KV
+    rows = tl.arange(0, BLOCK_R)
+    n_rows = GROUPS * SQ
+    g = rows // SQ
+    qi = rows % SQ
+    rvalid = rows < n_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+
+    off_b64 = off_b.to(tl.int64)
+    head = (off_hk * GROUPS + g).to(tl.int64)
+    q = tl.load(Q + off_b64 * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :],
+                mask=rvalid[:, None] & dmask, other=0.0)
+    k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
+    kpm_base = KPM + off_b64 * stride_kpmb
+    pos = qi + (SK - SQ)
+
+    start = key_lo + pid_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, key_hi)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
+                               start, end, SK, WL, WR, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM, BLOCK_D,
+                               BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, True, DOT_PRECISION,
+                               WHILE_LOOP)
+    part = (pid_bk * NUM_SPLITS + pid_s).to(tl.int64) * BLOCK_R
+    tl.store(OP + (part + rows[:, None]) * BLOCK_D + offs_d[None, :], acc, mask=rvalid[:, None])
+    tl.store(MP + part + rows, m_i, mask=rvalid)
+    tl.store(LP + part + rows, l_i, mask=rvalid)
+
+
+@triton.jit(do_not_specialize=["H_KV", "GROUPS", "SQ", "NUM_SPLITS"])
+def attention_combine_kernel(OP, MP, LP, O, LSE, stride_ob, stride_oh, stride_om,
+                             H_KV, GROUPS, SQ, NUM_SPLITS,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Merge the split partials of one query row; grid ``(B * Hkv * GROUPS * Sq,)``."""
+    pid = tl.program_id(0)
+    n_rows = GROUPS * SQ
+    pid_bk = pid // n_rows
+    r = pid % n_rows
+    off_b = pid_bk // H_KV
+    off_h = (pid_bk % H_KV) * GROUPS + r // SQ
+    qi = r % SQ
+    offs_s = tl.arange(0, BLOCK_S)
+    base = pid_bk.to(tl.int64) * NUM_SPLITS * BLOCK_R + r
+    m_s = tl.load(MP + base + offs_s * BLOCK_R, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(m_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l_s = tl.load(LP + base + offs_s * BLOCK_R, mask=offs_s < NUM_SPLITS, other=0.0)
+    l_tot = tl.sum(l_s * tl.math.exp2(m_s - m_use), 0)
+
+    offs_c = tl.arange(0, CHUNK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, BLOCK_S, CHUNK_S):
+        sc = s0 + offs_c
+        smask = sc < NUM_SPLITS
+        w = tl.math.exp2(tl.load(MP + base + sc * BLOCK_R, mask=smask, other=float("-inf")) - m_use)
+        o = tl.load(OP + (base + sc[:, None] * BLOCK_R) * BLOCK_D + offs_d[None, :], mask=smask[:, None], other=0.0)
+        acc += tl.sum(o * w[:, None], 0)
+    nonempty = l_tot > 0.0
+    out = acc / tl.where(nonempty, l_tot, 1.0)
+    o_ptr = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + qi.to(tl.int64) * stride_om
+    tl.store(o_ptr + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if WRITE_LSE:
+        lse = tl.where(nonempty, (m + tl.math.log2(tl.where(nonempty, l_tot, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + (off_b * H_KV * GROUPS + off_h).to(tl.int64) * SQ + qi, lse)
+
+
+def band(window, causal: bool) -> tuple[int, int]:
+    """``(WL, WR)``: key j is visible to position p iff ``-WR <= p - j <= WL``."""
+    if causal:
+        return (BIG if window is None else int(window) - 1), 0
+    if window is None:
+        return BIG, BIG
+    return int(window) - 1, int(window) - 1
+
+
+def score_constants(scale: float, softcap, log2_domain: bool) -> tuple[float, float]:
+    """``(qk_scale, cap_scale)`` for ``_scores``; base-2 scores when ``log2_domain``."""
+    f = LOG2E if log2_domain else 1.0
+    if softcap is None:
+        return scale * f, 0.0
+    return scale / float(softcap), float(softcap) * f
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact fp32 products ("ieee"); 16-bit inputs are exact in any mode."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _same_tensor(k, v) -> bool:
+    return v is k or (v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and v.shape == k.shape)
+
+
+def _kpm_args(kpm, q):
+    if kpm is None:
+        return q, 0
+    return kpm, kpm.stride(0)
+
+
+def attention_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal: bool,
+                  config: dict, write_o: bool = True) -> None:
+    """Launch ``attention_fwd_kernel`` into ``o`` (``[B, Hq, Sq, D]``, any strides, unit D stride) and
+    ``lse`` (``[B, Hq, Sq]`` contiguous fp32, or None); ``kpm`` ``[B, Sk]`` uint8 or None.
+
+    ``write_o=False`` computes only the LSE (no V reads), for pattern emission.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    wl, wr = band(window, causal)
+    qk_scale, cap_scale = score_constants(scale, softcap, True)
+    kpm_t, kpm_stride = _kpm_args(kpm, q)
+    bd = max(16, triton.next_power_of_2(D))
+    o_t = o if o is not None else q
+    lse_t = lse if lse is not None else q
+    bdv = min(config.get("BLOCK_DV", bd), bd) if write_o and o is not None else bd
+    kv_same = bdv == bd and _same_tensor(k, v)
+    grid = (triton.cdiv(Sq, config["BLOCK_M"]) * (bd // bdv), B * Hq)
+    attention_fwd_kernel[grid](
+        q, k, v, o_t, lse_t, kpm_t,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o_t.stride(0), o_t.stride(1), o_t.stride(2), kpm_stride,
+        Hq, Hq // Hkv, Sq, Sk, wl, wr, qk_scale, cap_scale,
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, KV_SAME=kv_same,
+        WRITE_O=write_o and o is not None, WRITE_LSE=lse is not None, DOT_PRECISION=dot_precision(q.dtype),
+        WHILE_LOOP=interpret_mode(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def split_rows(groups: int, sq: int) -> int:
+    """Padded row count of the split kernel (``tl.dot`` needs at least 16 rows)."""
+    return max(16, triton.next_power_of_2(groups * sq))
+
+
+def num_splits(n_keys: int, block_n: int, bh_kv: int, sm_count: int, max_splits: int = 128,
+               min_blocks: int = 4) -> tuple[int, int]:
+    """``(splits, keys_per_split)``: about four programs per SM, whole key blocks per split, at least
+    ``min_blocks`` blocks per split (fewer, longer splits keep the fp32 partials small next to K/V)."""
+    n_blocks = max(1, triton.cdiv(n_keys, block_n))
+    want = max(1, min(n_blocks // min_blocks, triton.cdiv(4 * sm_count, max(bh_kv, 1)), max_splits))
+    per = triton.cdiv(n_blocks, want)
+    return triton.cdiv(n_blocks, per), per * block_n
+
+
+def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal: bool,
+                        config: dict, sm_count: int, new_empty) -> None:
+    """Launch the split-key kernel and the combine kernel (decode / short query blocks).
+
+    ``new_empty(shape, dtype, device)`` allocates the fp32 partial buffers.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    groups = Hq // Hkv
+    wl, wr = band(window, causal)
+    qk_scale, cap_scale = score_constants(scale, softcap, True)
+    kpm_t, kpm_stride = _kpm_args(kpm, q)
+    bd = max(16, triton.next_power_of_2(D))
+    br = split_rows(groups, Sq)
+    bn = config["BLOCK_N"]
+    key_lo = max(0, Sk - Sq - wl) // bn * bn
+    key_hi = min(Sk, Sk - 1 + wr + 1)
+    ns, per = num_splits(key_hi - key_lo, bn, B * Hkv, sm_count, min_blocks=config.get("MIN_BLOCKS", 4))
+    op = new_empty((B * Hkv, ns, br, bd), torch.float32, q.device)
+    mp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
+    lp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
+    kv_same = _same_tensor(k, v)
+    attention_split_fwd_kernel[(ns, B * Hkv)](
+        q, k, v, op, mp, lp, kpm_t,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), kpm_stride,
+        Hkv, groups, Sq, Sk, wl, wr, qk_scale, cap_scale, key_lo, key_hi, per, ns,
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=br, BLOCK_N=bn, HAS_SOFTCAP=softcap is not None,
+        HAS_KPM=kpm is not None, KV_SAME=kv_same, DOT_PRECISION=dot_precision(q.dtype),
+        WHILE_LOOP=interpret_mode(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+    lse_t = lse if lse is not None else mp
+    chunk = max(1, min(16, 4096 // bd))
+    attention_combine_kernel[(B * Hkv * groups * Sq,)](
+        op, mp, lp, o, lse_t, o.stride(0), o.stride(1), o.stride(2), Hkv, groups, Sq, ns,
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=br, BLOCK_S=max(2, triton.next_power_of_2(ns)),
+        CHUNK_S=triton.next_power_of_2(chunk), WRITE_LSE=lse is not None, num_warps=4 if bd >= 256 else 2)
+
+
+__all__ = ["attention_fwd_kernel", "attention_split_fwd_kernel", "attention_combine_kernel", "attention_fwd",
+           "attention_split_fwd", "band", "score_constants", "dot_precision", "split_rows", "num_splits",
+           "BIG", "LOG2E"]

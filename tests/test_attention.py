@@ -1,0 +1,353 @@
+"""Attention kernels vs the PyTorch reference (fp64), HF's eager attention, and torch bf16 eager.
+
+CPU tests run the Triton kernels through the interpreter (fp32 / fp16, tiny shapes, small pinned
+tiles so several key blocks, band edges and the masked/unmasked split are exercised). GPU tests
+(``-m cuda``) cover bf16 with the three-way rule, head_dim up to 512, long decode and a hypothesis
+fuzz over shapes. Every output buffer is NaN-poisoned (the allocator is replaced) so an unwritten
+element fails.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gemma4_fast.kernels import attention as A
+from gemma4_fast.kernels._common import interpret_mode
+from gemma4_fast.kernels.attention import api
+
+CPU_TILES = {
+    "GEMMA4_FAST_ATTN_CONFIG": '{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}',
+    "GEMMA4_FAST_ATTN_SPLIT_CONFIG": '{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}',
+    "GEMMA4_FAST_ATTN_SCORES_CONFIG": '{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_DK": 32, "num_warps": 4, "num_stages": 1}',
+}
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """NaN-fill every buffer the ops allocate."""
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(api, "_new_empty", nan_empty)
+
+
+@pytest.fixture
+def cpu_kernels(monkeypatch, poison):
+    if not interpret_mode():
+        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (set by conftest without a GPU)")
+    for k, v in CPU_TILES.items():
+        monkeypatch.setenv(k, v)
+
+
+def make_inputs(B, Hq, Hkv, Sq, Sk, D, *, dtype=torch.float32, device="cpu", pad=None, kv_same=False,
+                bshd=True, gen=None):
+    """q/k/v as HF hands them (``.transpose(1, 2)`` views of ``[B, S, H, D]``), plus a padding mask.
+
+    ``pad``: list of per-batch left-padding lengths (``>= Sk`` pads every key of that row).
+    """
+    def t(h, s):
+        if bshd:
+            return torch.randn(B, s, h, D, dtype=dtype, device=device, generator=gen).transpose(1, 2)
+        return torch.randn(B, h, s, D, dtype=dtype, device=device, generator=gen)
+    q, k = t(Hq, Sq), t(Hkv, Sk)
+    v = k if kv_same else t(Hkv, Sk)
+    kpm = None
+    if pad is not None:
+        kpm = torch.ones(B, Sk, dtype=torch.bool, device=device)
+        for b, n in enumerate(pad):
+            kpm[b, :min(n, Sk)] = False
+    return q, k, v, kpm
+
+
+def ref64(q, k, v, **kw):
+    return A.attention_naive(q.double(), k.double(), v.double(), return_lse=True, **kw)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_lse(lse, rlse, tol):
+    assert lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse)), "empty-row pattern of lse differs"
+    fin = torch.isfinite(rlse)
+    assert not torch.isnan(lse).any()
+    if fin.any():
+        assert (lse[fin].double() - rlse[fin]).abs().max().item() <= tol
+
+
+# (B, Hq, Hkv, Sq, Sk, D, window, softcap, causal, pad, kv_same)
+CPU_CASES = [
+    (1, 2, 1, 63, 63, 64, None, None, True, None, False),
+    (1, 2, 2, 129, 129, 64, 1, None, True, None, False),
+    (1, 4, 2, 129, 129, 64, 40, None, True, None, False),
+    (2, 2, 1, 63, 63, 128, 200, 50.0, True, None, False),
+    (2, 8, 1, 7, 70, 64, 17, None, True, [0, 30], False),
+    (2, 2, 2, 63, 63, 64, None, None, True, [5, 80], True),
+    (1, 2, 1, 37, 100, 64, 33, 50.0, True, [11], False),
+    (1, 2, 2, 45, 45, 64, None, None, False, None, False),
+    (2, 2, 1, 33, 50, 64, 9, None, False, [0, 20], False),
+    (2, 8, 1, 1, 129, 64, None, None, True, [0, 40], False),
+    (1, 8, 2, 1, 200, 128, 64, 50.0, True, None, False),
+    (2, 2, 1, 3, 90, 64, 30, None, True, [0, 95], True),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "B{}H{}-{}S{}x{}D{}w{}c{}{}p{}kv{}".format(*c))
+def test_attention_cpu_fp32(cpu_kernels, case):
+    B, Hq, Hkv, Sq, Sk, D, window, softcap, causal, pad, kv_same = case
+    q, k, v, kpm = make_inputs(B, Hq, Hkv, Sq, Sk, D, pad=pad, kv_same=kv_same)
+    kw = dict(window=window, softcap=softcap, causal=causal, key_padding_mask=kpm)
+    o, lse = A.attention(q, k, v, return_lse=True, **kw)
+    ro, rlse = ref64(q, k, v, **kw)
+    assert o.shape == (B, Hq, Sq, D) and o.dtype == q.dtype
+    assert o.transpose(1, 2).is_contiguous(), "o must view a [B, Sq, Hq, D]-contiguous buffer"
+    assert not torch.isnan(o).any()
+    assert rel(o, ro) <= 1e-4
+    check_lse(lse, rlse, 1e-4)
+    assert rel(o, A.attention_naive(q, k, v, **kw)) <= 1e-4
+    o2 = A.attention(q, k, v, **kw)
+    assert torch.equal(o2, o)
+
+
+def test_attention_cpu_dv_split(cpu_kernels, monkeypatch):
+    """Output columns split over programs (``BLOCK_DV``), including a ragged last chunk (D=48)."""
+    monkeypatch.setenv("GEMMA4_FAST_ATTN_CONFIG",
+                       '{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_DV": 32, "num_warps": 4, "num_stages": 1}')
+    for D, kv_same in ((64, True), (48, False)):
+        q, k, v, kpm = make_inputs(2, 4, 2, 40, 40, D, pad=[0, 12], kv_same=kv_same)
+        kw = dict(window=13, softcap=50.0, key_padding_mask=kpm)
+        o, lse = A.attention(q, k, v, return_lse=True, **kw)
+        ro, rlse = ref64(q, k, v, **kw)
+        assert rel(o, ro) <= 1e-4
+        check_lse(lse, rlse, 1e-4)
+
+
+def test_attention_cpu_fp16_three_way(cpu_kernels):
+    q, k, v, kpm = make_inputs(1, 4, 2, 63, 63, 64, dtype=torch.float16, pad=[9])
+    kw = dict(window=20, key_padding_mask=kpm)
+    o = A.attention(q, k, v, **kw)
+    ro, _ = ref64(q, k, v, **kw)
+    eager = A.attention_naive(q, k, v, **kw)
+    three_way(o, eager, ro)
+
+
+def three_way(fast, torch_lp, ref):
+    """Rule 4: ``|fast - ref| <= 2 |torch_lp - ref| + atol`` elementwise, atol = 2**-7 * max|ref| (two
+    bf16 ulps of the largest value: a diffuse decode row's output is a sum of hundreds of bf16-rounded
+    products, so an element can sit a few ulps off where eager happens to land close), and the
+    same rule on the whole tensor's norm with a 2**-9 relative slack."""
+    fast, torch_lp, ref = fast.double(), torch_lp.double(), ref.double()
+    assert not torch.isnan(fast).any()
+    atol = 2 ** -7 * ref.abs().max().item() + 1e-6
+    bad = (fast - ref).abs() > 2 * (torch_lp - ref).abs() + atol
+    assert not bad.any(), f"{bad.sum().item()} elements break the three-way rule; max err " \
+                          f"{(fast - ref).abs().max().item():.3g} vs eager {(torch_lp - ref).abs().max().item():.3g}"
+    assert (fast - ref).norm() <= 2 * (torch_lp - ref).norm() + 2 ** -9 * ref.norm() + 1e-9
+
+
+def test_attention_matches_hf_eager(cpu_kernels):
+    """Against HF's ``eager_attention_forward`` with the additive mask built from masking_utils' functions."""
+    from transformers.masking_utils import and_masks, padding_mask_function, sliding_window_causal_mask_function
+    from transformers.models.gemma4.modeling_gemma4 import eager_attention_forward
+
+    B, Hq, Hkv, S, D, W = 2, 4, 2, 45, 64, 13
+    q, k, v, kpm = make_inputs(B, Hq, Hkv, S, S, D, bshd=False, pad=[0, 6])
+    fn = and_masks(sliding_window_causal_mask_function(W), padding_mask_function(kpm))
+    bi = torch.arange(B)[:, None, None, None]
+    qi = torch.arange(S)[None, None, :, None]
+    ki = torch.arange(S)[None, None, None, :]
+    allowed = fn(bi, torch.zeros(()), qi, ki)
+    mask = torch.zeros(B, 1, S, S).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+    class Mod(torch.nn.Module):
+        head_dim, num_key_value_groups = D, Hq // Hkv
+
+    hf, _ = eager_attention_forward(Mod(), q, k, v, mask, scaling=1.0)
+    o = A.attention(q, k, v, scale=1.0, window=W, key_padding_mask=kpm)
+    rows = allowed.any(-1)[:, 0]
+    assert rel(o.transpose(1, 2)[rows], hf[rows]) <= 1e-4
+
+
+def test_scores_pattern_cpu(cpu_kernels):
+    q, k, v, kpm = make_inputs(2, 4, 2, 37, 50, 64, pad=[0, 60])
+    for window, softcap, causal in [(None, None, True), (11, 50.0, True), (7, None, False)]:
+        kw = dict(window=window, softcap=softcap, causal=causal, key_padding_mask=kpm)
+        s = A.attention_scores(q, k, **kw)
+        rs = A.attention_scores_naive(q.double(), k.double(), **kw)
+        assert torch.equal(torch.isneginf(s), torch.isneginf(rs))
+        fin = torch.isfinite(rs)
+        assert not torch.isnan(s).any()
+        assert (s[fin].double() - rs[fin]).abs().max().item() <= 1e-4 * rs[fin].abs().max().item()
+        p = A.attention_pattern(q, k, **kw)
+        rp = A.attention_pattern_naive(q.double(), k.double(), **kw)
+        assert not torch.isnan(p).any()
+        assert (p.double() - rp).abs().max().item() <= 1e-5
+        _, lse = A.attention(q, k, v, return_lse=True, **kw)
+        assert torch.equal(A.attention_pattern(q, k, lse=lse, **kw), p)
+        sums = p.sum(-1)
+        nonempty = torch.isfinite(lse)
+        assert torch.allclose(sums[nonempty], torch.ones_like(sums[nonempty]), atol=1e-5)
+        assert (sums[~nonempty] == 0).all()
+        o = A.pattern_apply(p, v)
+        assert o.transpose(1, 2).is_contiguous()
+        assert rel(o, A.attention_naive(q.double(), k.double(), v.double(), **kw)) <= 1e-4
+
+
+def test_pattern_apply_and_softmax(poison):
+    p = torch.rand(2, 8, 5, 9)
+    v = torch.randn(2, 2, 9, 16)
+    o = A.pattern_apply(p, v)
+    assert o.transpose(1, 2).is_contiguous()
+    assert rel(o, A.pattern_apply_naive(p, v)) <= 1e-6
+    s = torch.randn(2, 3, 4, 6)
+    s[0, 0, 1] = float("-inf")
+    s[1, 2, 3, :2] = float("-inf")
+    pr = A.softmax_scores(s)
+    assert (pr[0, 0, 1] == 0).all()
+    fin = torch.isfinite(s).any(-1)
+    assert torch.allclose(pr[fin], torch.softmax(s, -1)[fin])
+    assert A.softmax_scores(s.bfloat16()).dtype == torch.bfloat16
+
+
+def test_gradients_route_to_naive(cpu_kernels):
+    q, k, v, _ = make_inputs(1, 2, 1, 9, 9, 16, bshd=False)
+    q.requires_grad_(True)
+    o = A.attention(q, k, v, window=4)
+    o.sum().backward()
+    q2 = q.detach().clone().requires_grad_(True)
+    A.attention_naive(q2, k, v, window=4).sum().backward()
+    assert torch.allclose(q.grad, q2.grad)
+    with torch.no_grad():
+        assert rel(A.attention(q, k, v, window=4), o.detach()) <= 1e-5
+
+
+def test_validation_errors():
+    q = torch.randn(1, 2, 4, 16)
+    k = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        A.attention(torch.randn(1, 1, 2, 520), torch.randn(1, 1, 2, 520), torch.randn(1, 1, 2, 520))
+    with pytest.raises(ValueError, match="multiple"):
+        A.attention(torch.randn(1, 3, 4, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16))
+    with pytest.raises(ValueError, match="more positions"):
+        A.attention(torch.randn(1, 2, 5, 16), k, k)
+    with pytest.raises(ValueError, match="window"):
+        A.attention(q, k, k, window=0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        A.attention(q, k, k, key_padding_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="softcap"):
+        A.attention(q, k, k, softcap=-1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        A.attention(q, k.double(), k)
+
+
+def test_split_plan():
+    from gemma4_fast.kernels.attention.fwd import num_splits, split_rows
+    assert split_rows(8, 1) == 16 and split_rows(16, 2) == 32
+    ns, per = num_splits(131072, 32, 2, 132)
+    assert ns * per >= 131072 and per % 32 == 0 and (ns - 1) * per < 131072
+    assert api.use_split_path(8, 1, 512) and not api.use_split_path(16, 4, 512)
+    assert not api.use_split_path(1, 100, 64)
+
+
+# ---------------------------------------------------------------- GPU
+
+def gpu_case(B, Hq, Hkv, Sq, Sk, D, window=None, softcap=None, causal=True, pad=None, kv_same=False,
+             scale=None, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, kpm = make_inputs(B, Hq, Hkv, Sq, Sk, D, dtype=torch.bfloat16, device="cuda", pad=pad,
+                               kv_same=kv_same, gen=g)
+    kw = dict(scale=scale, window=window, softcap=softcap, causal=causal, key_padding_mask=kpm)
+    o, lse = A.attention(q, k, v, return_lse=True, **kw)
+    torch.cuda.synchronize()
+    ro, rlse = ref64(q, k, v, **kw)
+    eager = A.attention_naive(q, k, v, **kw)
+    three_way(o, eager, ro)
+    check_lse(lse, rlse, 2e-2)
+    return q, k, v, kpm, kw
+
+
+GPU_CASES = [
+    (1, 16, 2, 1031, 1031, 512, None, None, True, None, False),
+    (1, 16, 8, 1031, 1031, 256, 512, None, True, None, False),
+    (2, 8, 1, 777, 777, 256, 1, None, True, [0, 100], False),
+    (1, 16, 1, 1000, 1000, 128, None, 50.0, True, None, False),
+    (2, 4, 2, 600, 1500, 64, 300, None, True, [0, 1600], False),
+    (1, 8, 2, 517, 517, 512, 4096, None, True, [33], True),
+    (1, 4, 4, 700, 700, 128, None, None, False, None, False),
+    (1, 16, 2, 1, 70001, 512, None, None, True, None, False),
+    (1, 16, 8, 1, 40000, 256, 1024, None, True, None, False),
+    (3, 8, 1, 1, 5000, 256, None, 50.0, True, [0, 4000, 6000], True),
+    (1, 16, 2, 16, 3000, 512, None, None, True, None, False),
+    (1, 32, 2, 1, 2048, 128, None, None, True, None, False),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}H{}-{}S{}x{}D{}w{}c{}{}p{}kv{}".format(*c))
+def test_attention_gpu_bf16(poison, case):
+    B, Hq, Hkv, Sq, Sk, D, window, softcap, causal, pad, kv_same = case
+    gpu_case(B, Hq, Hkv, Sq, Sk, D, window, softcap, causal, pad, kv_same,
+             scale=1.0 if D == 512 and window is None else None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 512])
+def test_attention_gpu_fp32(poison, D):
+    q, k, v, kpm = make_inputs(1, 4, 2, 301, 301, D, device="cuda", pad=[20])
+    kw = dict(window=128, key_padding_mask=kpm)
+    o, lse = A.attention(q, k, v, return_lse=True, **kw)
+    ro, rlse = ref64(q, k, v, **kw)
+    assert rel(o, ro) <= 1e-4
+    check_lse(lse, rlse, 1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D,window", [(512, None), (256, 300)])
+def test_scores_pattern_gpu(poison, D, window):
+    q, k, v, kpm = make_inputs(1, 8, 2, 700, 1100, D, dtype=torch.bfloat16, device="cuda", pad=[50])
+    kw = dict(scale=1.0, window=window, key_padding_mask=kpm)
+    s = A.attention_scores(q, k, **kw)
+    rs = A.attention_scores_naive(q.double(), k.double(), **kw)
+    assert torch.equal(torch.isneginf(s), torch.isneginf(rs))
+    eager = A.attention_scores_naive(q, k, **kw)
+    three_way(s.masked_fill(torch.isneginf(s), 0), eager.masked_fill(torch.isneginf(rs), 0),
+              rs.masked_fill(torch.isneginf(rs), 0))
+    p = A.attention_pattern(q, k, **kw)
+    rp = A.attention_pattern_naive(q.double(), k.double(), **kw)
+    three_way(p, A.attention_pattern_naive(q, k, **kw), rp)
+    o = A.pattern_apply(p, v)
+    ro, _ = ref64(q, k, v, **kw)
+    assert rel(o, ro) <= 2e-2
+
+
+def _fuzz_one(B, G, Hkv, Sk, frac, D, window, pad, seed):
+    Sq = max(1, math.ceil(frac * Sk))
+    gpu_case(B, G * Hkv, Hkv, Sq, Sk, D, window, None, True, [0, pad][:B] if pad else None, False, seed=seed)
+
+
+@pytest.mark.cuda
+def test_attention_gpu_fuzz(poison):
+    """Random shapes / windows / padding (hypothesis when installed, else 20 seeded draws)."""
+    try:
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+    except ImportError:
+        import random
+        rng = random.Random(1234)
+        for _ in range(20):
+            _fuzz_one(rng.randint(1, 2), rng.choice([1, 2, 8, 16]), rng.randint(1, 2), rng.randint(1, 1500),
+                      rng.random(), rng.choice([64, 128, 256, 512]), rng.choice([None, rng.randint(1, 1600)]),
+                      rng.choice([0, rng.randint(1, 1600)]), rng.randint(0, 2 ** 16))
+        return
+
+    @settings(max_examples=20, deadline=None, derandomize=True)
+    @given(B=st.integers(1, 2), G=st.sampled_from([1, 2, 8, 16]), Hkv=st.integers(1, 2), Sk=st.integers(1, 1500),
+           frac=st.floats(0.0, 1.0), D=st.sampled_from([64, 128, 256, 512]),
+           window=st.one_of(st.none(), st.integers(1, 1600)), pad=st.integers(0, 1600), seed=st.integers(0, 2 ** 16))
+    def run(B, G, Hkv, Sk, frac, D, window, pad, seed):
+        _fuzz_one(B, G, Hkv, Sk, frac, D, window, pad, seed)
+
+    run()

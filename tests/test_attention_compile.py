@@ -1,0 +1,162 @@
+"""Every attention kernel config compiles for the GPUs it is offered on and fits their shared memory.
+
+Compiled on the CPU (no GPU needed) with the specialisation a real launch gets: 16-byte aligned
+pointers and strides divisible by 16 (``tt.divisibility``), without which Triton skips the async
+copy pipelining and under-reports shared memory. Candidates of the H100 lists are compiled for
+sm_90; the A100 lists for sm_80 and sm_90; the tuned table entries for sm_90. The full sweep is
+``slow``; the default config of each kind runs always.
+
+The compiles run in a subprocess with ``TRITON_INTERPRET=0`` (under the interpreter, which the CPU
+test session turns on, ``@triton.jit`` yields functions the compiler cannot take); this file is also
+that subprocess's entry point.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from gemma4_fast.kernels._compile_check import SHARED_LIMIT  # noqa: E402
+from gemma4_fast.kernels.attention import configs as C  # noqa: E402
+
+HEAD_DIMS = [64, 128, 256, 512]
+
+
+def _signature(kernel, dt: str, constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("Q", "K", "V", "O", "OUT"):
+            sig[name] = "*" + dt
+        elif name in ("LSE", "OP", "MP", "LP"):
+            sig[name] = "*fp32"
+        elif name == "KPM":
+            sig[name] = "*u8"
+        elif name in ("qk_scale", "cap_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _kernels():
+    from gemma4_fast.kernels.attention import fwd, pattern
+    return fwd, pattern
+
+
+def compile_like_launch(kernel, dt: str, constexprs: dict, capability: int, num_warps: int, num_stages: int) -> int:
+    """Compile for ``sm_<capability>`` with launch-like alignment; returns shared bytes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = _signature(kernel, dt, constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if sig[n].startswith("*") or (n.startswith("stride_") and n != "stride_kpmb")}
+    out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
+                         target=GPUTarget("cuda", capability, 32),
+                         options={"num_warps": num_warps, "num_stages": num_stages})
+    return int(out.metadata.shared)
+
+
+def _flags(dt: str) -> dict:
+    return dict(HAS_SOFTCAP=False, HAS_KPM=True, KV_SAME=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                WHILE_LOOP=False)
+
+
+def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) -> int:
+    fwd, pattern = _kernels()
+    bd = C.block_d(head_dim)
+    if kind == "combine":
+        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_R=16, BLOCK_S=128, CHUNK_S=8, WRITE_LSE=True)
+        return compile_like_launch(fwd.attention_combine_kernel, dt, ce, capability, 4, 1)
+    if kind == "fwd":
+        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DV=min(cfg.get("BLOCK_DV", bd), bd), BLOCK_M=cfg["BLOCK_M"],
+                  BLOCK_N=cfg["BLOCK_N"], WRITE_O=True, WRITE_LSE=True, **_flags(dt))
+        kernel = fwd.attention_fwd_kernel
+    elif kind == "split":
+        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_R=fwd.split_rows(8, 1), BLOCK_N=cfg["BLOCK_N"], **_flags(dt))
+        kernel = fwd.attention_split_fwd_kernel
+    else:
+        ce = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                  BLOCK_DK=min(cfg["BLOCK_DK"], bd), PATTERN=True, **_flags(dt))
+        ce.pop("KV_SAME")
+        ce.pop("WHILE_LOOP")
+        kernel = pattern.attention_scores_fwd_kernel
+    return compile_like_launch(kernel, dt, ce, capability, cfg["num_warps"], cfg["num_stages"])
+
+
+def _targets(kind, head_dim, elem, cfg):
+    """Targets a config is offered on: sm_90 for H100-list-only configs, else sm_80 and sm_90."""
+    gen = C.GENERATORS[kind]
+    in80 = cfg in gen(head_dim, elem, 80)
+    return [80, 90] if in80 else [90]
+
+
+def _all_cases():
+    for kind, gen in C.GENERATORS.items():
+        for d in HEAD_DIMS:
+            for dt, elem in (("bf16", 2), ("fp32", 4)):
+                seen = []
+                for cap in (90, 80):
+                    for cfg in gen(d, elem, cap):
+                        if cfg not in seen:
+                            seen.append(cfg)
+                            yield kind, d, dt, cfg
+
+
+def _check_many(jobs):
+    """Compile ``[(kind, d, dt, cfg, capability), ...]`` in a non-interpreted subprocess; assert fits."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, __file__, json.dumps(jobs)], env=env, capture_output=True, text=True,
+                         timeout=3000)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = json.loads(res.stdout.strip().splitlines()[-1])
+    too_big = [(job, sh) for job, sh in zip(jobs, shared) if sh > SHARED_LIMIT[job[4]]]
+    assert not too_big, f"configs over the shared-memory limit: {too_big}"
+
+
+def _check(kind, d, dt, cfg, targets):
+    _check_many([(kind, d, dt, cfg, cap) for cap in targets])
+
+
+def test_default_configs_compile():
+    jobs = [("fwd", 256, "bf16", C.attention_fwd_configs(256, 2, 90)[0], 90),
+            ("fwd", 512, "bf16", C.attention_fwd_configs(512, 2, 90)[0], 90),
+            ("fwd", 512, "bf16", C.attention_fwd_configs(512, 2, 80)[0], 80),
+            ("split", 512, "bf16", C.attention_split_configs(512, 2, 90)[0], 90),
+            ("split", 512, "bf16", C.attention_split_configs(512, 2, 80)[0], 80),
+            ("scores", 512, "bf16", C.attention_scores_configs(512, 2, 80)[0], 80),
+            ("combine", 512, "bf16", {}, 80), ("combine", 512, "bf16", {}, 90)]
+    _check_many(jobs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(C.GENERATORS))
+def test_every_candidate_compiles(kind):
+    jobs = [(k, d, dt, cfg, cap) for k, d, dt, cfg in _all_cases() if k == kind
+            for cap in _targets(k, d, 4 if dt == "fp32" else 2, cfg)]
+    _check_many(jobs)
+
+
+@pytest.mark.slow
+def test_tuned_tables_compile():
+    jobs = []
+    for path in sorted(C.CONFIG_DIR.glob("*.json")):
+        doc = json.loads(path.read_text())
+        hopper = "h100" in path.name or "h200" in path.name
+        for key, cfg in doc.get("configs", {}).items():
+            kind, bd, dt = key.split("/")[:3]
+            jobs += [(kind, int(bd), dt, cfg, cap) for cap in ([90] if hopper else [80, 90])]
+    if jobs:
+        _check_many(list({json.dumps(j): j for j in jobs}.values()))
+
+
+if __name__ == "__main__":
+    print(json.dumps([_compile_cfg(kind, d, dt, cfg, cap) for kind, d, dt, cfg, cap in json.loads(sys.argv[1])]))
