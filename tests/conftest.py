@@ -26,12 +26,14 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (no GPU visible)")
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_cuda = pytest.mark.skip(reason="needs CUDA (no GPU visible)")
+    skip_multi = pytest.mark.skip(reason=f"needs at least two CUDA GPUs ({n_gpus} visible)")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "multigpu" in item.keywords and n_gpus < 2:
+            item.add_marker(skip_multi)
+        elif "cuda" in item.keywords and n_gpus < 1:
+            item.add_marker(skip_cuda)
 
 
 @pytest.fixture(autouse=True)
