@@ -2,8 +2,9 @@
 
 ``FastGemma4TextAttention`` subclasses HF's ``Gemma4TextAttention`` without adding parameters or
 submodules: ``q_proj`` / ``q_norm`` / ``k_proj`` / ``k_norm`` / ``v_proj`` / ``v_norm`` / ``o_proj``
-run as modules in HF's order, RoPE uses HF's ``apply_rotary_pos_emb``, KV sharing and the cache
-update are HF's; only the ``softmax(q k^T) v`` step goes to ``gemma4_fast.ops`` (Triton or torch).
+run as modules in HF's order, KV sharing and the cache update are HF's; RoPE (``ops.rope``: HF's
+``apply_rotary_pos_emb`` on the torch backend) and the ``softmax(q k^T) v`` step go to
+``gemma4_fast.ops`` (Triton or torch).
 
 Masks. The attention op takes causality, the sliding window and a key padding mask ``[B, Sk]``
 (queries sit at the end of the keys). ``attention_core`` reads the mask it is given as follows:
@@ -32,7 +33,6 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 from transformers.cache_utils import StaticLayer
-from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
 
 from . import ops
 from .hooks import get_hook, hook_active
@@ -256,7 +256,7 @@ class FastAttentionMixin:
 
         query_states = self.q_proj(hidden_states).view(hidden_shape)
         query_states = self.q_norm(query_states)
-        query_states = apply_rotary_pos_emb(query_states, cos, sin, unsqueeze_dim=2)
+        query_states = ops.rope(query_states, cos, sin, backend=self._g4f_backend)
         query_states = _apply_hook(get_hook(self, "rot_q"), query_states)
         query_states = query_states.transpose(1, 2)
 
@@ -271,7 +271,7 @@ class FastAttentionMixin:
             value_states = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_states
 
             key_states = self.k_norm(key_states)
-            key_states = apply_rotary_pos_emb(key_states, cos, sin, unsqueeze_dim=2)
+            key_states = ops.rope(key_states, cos, sin, backend=self._g4f_backend)
             key_states = _apply_hook(get_hook(self, "rot_k"), key_states)
             key_states = key_states.transpose(1, 2)
 

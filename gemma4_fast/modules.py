@@ -8,8 +8,10 @@ wrapper around the module (TransformerBridge's ``original_component``) are untou
 - ``FastGemma4TextAttention(Gemma4TextAttention)``: ``gemma4_fast.attention``.
 - ``FastGemma4TextRouter(Gemma4TextRouter)``, ``FastGemma4TextExperts(Gemma4TextExperts)``:
   ``gemma4_fast.moe``.
-- With transformers' ``gemma4_unified`` family (the encoder-free 12B): ``FastGemma4UnifiedRMSNorm``
-  and ``FastGemma4UnifiedTextAttention`` (same code; that family has no MoE).
+- ``FastGemma4TextMLP(Gemma4TextMLP)``: ``gemma4_fast.mlp`` (fused ``gelu_tanh(gate) * up``).
+- With transformers' ``gemma4_unified`` family (the encoder-free 12B): ``FastGemma4UnifiedRMSNorm``,
+  ``FastGemma4UnifiedTextAttention`` and, when that family defines it, ``FastGemma4UnifiedTextMLP``
+  (same code; that family has no MoE).
 
 Each instance reads its backend from ``_g4f_backend`` (``"auto"``, ``"triton"`` or ``"torch"``, set
 by ``patch_model``) and its hook seams from ``_g4f_hooks`` (``gemma4_fast.hooks``).
@@ -19,13 +21,14 @@ from __future__ import annotations
 from functools import lru_cache
 
 from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextAttention, Gemma4TextExperts,
-                                                        Gemma4TextRouter)
+                                                        Gemma4TextMLP, Gemma4TextRouter)
 
 from .attention import FastAttentionMixin
+from .mlp import FastMLPMixin
 from .moe import FastExpertsMixin, FastRouterMixin
 from .norm import FastRMSNormMixin
 
-KINDS = ("attention", "rms_norm", "router", "experts")
+KINDS = ("attention", "rms_norm", "router", "experts", "mlp")
 
 
 class FastGemma4RMSNorm(FastRMSNormMixin, Gemma4RMSNorm):
@@ -44,6 +47,10 @@ class FastGemma4TextExperts(FastExpertsMixin, Gemma4TextExperts):
     """``Gemma4TextExperts`` on the grouped expert op (``gemma4_fast.moe``)."""
 
 
+class FastGemma4TextMLP(FastMLPMixin, Gemma4TextMLP):
+    """``Gemma4TextMLP`` with the fused activation op (``gemma4_fast.mlp``)."""
+
+
 try:
     from transformers.models.gemma4_unified.modeling_gemma4_unified import (Gemma4UnifiedRMSNorm,
                                                                             Gemma4UnifiedTextAttention)
@@ -59,6 +66,17 @@ if Gemma4UnifiedRMSNorm is not None:
 else:
     FastGemma4UnifiedRMSNorm = FastGemma4UnifiedTextAttention = None
 
+try:
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import Gemma4UnifiedTextMLP
+except ImportError:
+    Gemma4UnifiedTextMLP = None
+
+if Gemma4UnifiedTextMLP is not None:
+    class FastGemma4UnifiedTextMLP(FastMLPMixin, Gemma4UnifiedTextMLP):
+        """``Gemma4UnifiedTextMLP`` with the fused activation op (``gemma4_fast.mlp``)."""
+else:
+    FastGemma4UnifiedTextMLP = None
+
 
 @lru_cache(maxsize=None)
 def fast_class_map() -> dict:
@@ -68,10 +86,13 @@ def fast_class_map() -> dict:
         Gemma4TextAttention: (FastGemma4TextAttention, "attention"),
         Gemma4TextRouter: (FastGemma4TextRouter, "router"),
         Gemma4TextExperts: (FastGemma4TextExperts, "experts"),
+        Gemma4TextMLP: (FastGemma4TextMLP, "mlp"),
     }
     if Gemma4UnifiedRMSNorm is not None:
         table[Gemma4UnifiedRMSNorm] = (FastGemma4UnifiedRMSNorm, "rms_norm")
         table[Gemma4UnifiedTextAttention] = (FastGemma4UnifiedTextAttention, "attention")
+    if Gemma4UnifiedTextMLP is not None:
+        table[Gemma4UnifiedTextMLP] = (FastGemma4UnifiedTextMLP, "mlp")
     return table
 
 

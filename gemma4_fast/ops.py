@@ -139,6 +139,13 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, bac
                 dict(eps=eps, return_scale=return_scale, return_normalized=return_normalized))
 
 
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``gemma4_fast.kernels.activation.gelu_mul`` or ``gelu_mul_naive``: ``gelu_tanh(gate) * up``, both
+    ``[..., N]``. Under autograd the Triton forward is kept and the backward recomputes the naive op."""
+    b = resolve(backend, "gelu_mul", gate, up, differentiable=True)
+    return _run("activation", "gelu_mul", b, (gate, up), {})
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: Optional[int],
               softcap: Optional[float], causal: bool = True, key_padding_mask: Optional[torch.Tensor] = None,
               return_lse: bool = False, backend: str = "auto"):
@@ -195,3 +202,27 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
                 differentiable=not return_expert_outputs)
     return _run("moe", "moe_experts", b, (x, top_k_index, top_k_weights, gate_up_proj, down_proj),
                 dict(return_expert_outputs=return_expert_outputs))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """RoPE ``x * cos + rotate_half(x) * sin``: x ``[B, S, H, D]``, cos/sin ``[B|1, S, D]`` (x's dtype).
+
+    ``"torch"`` calls HF's own ``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=2)`` (bit-identical to
+    the HF module); the Triton op (``gemma4_fast.kernels.rope.rope``, fp32 math rounded once, contiguous
+    output) runs otherwise, with a naive-recompute backward when autograd needs gradients. Inputs the
+    kernel rejects (odd or > 1024 head dim, cos/sin of another dtype, shape or device) take HF's call,
+    logged once.
+    """
+    b = resolve(backend, "rope", x, cos, sin, differentiable=True)
+    if b != "torch":
+        why = _pkg("rope").unsupported_reason(x, cos, sin)
+        if why is not None:
+            level = logging.INFO if backend == "triton" else logging.DEBUG
+            log_once("fallback:rope", f"rope: backend {backend!r} cannot run the kernel ({why}); using the torch op",
+                     level)
+            b = "torch"
+    if b == "torch":
+        from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
+
+        return apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=2)
+    return _run("rope", "rope", b, (x, cos, sin), {})

@@ -1,8 +1,9 @@
 """Patch a Gemma 4 model in place with the fast modules, and undo it exactly.
 
-``patch_model`` swaps ``module.__class__`` of the text path's RMSNorms, attentions, routers and
-experts for the fast subclasses of ``gemma4_fast.modules`` (no weight copy: parameters, buffers,
-``state_dict`` and data pointers are shared; wrappers holding the modules keep working), stores the
+``patch_model`` swaps ``module.__class__`` of the text path's RMSNorms, attentions, routers,
+experts and dense MLPs for the fast subclasses of ``gemma4_fast.modules`` (no weight copy:
+parameters, buffers, ``state_dict`` and data pointers are shared; wrappers holding the modules keep
+working), stores the
 backend on each module (``_g4f_backend``) and, when attention is patched, sets the text config's
 ``_attn_implementation`` to ``"gemma4_fast"`` so HF builds cheap key-padding masks.
 ``unpatch_model`` restores every class and the config value exactly.
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .mlp import gelu_tanh_unsupported
 from .modules import KINDS, fast_class_map, fast_classes
 from .registration import NAME, register
 
@@ -94,7 +96,7 @@ class PatchReport:
         return f"{len(fast)}/{len(mods)} fast" + (f" ({','.join(backends)})" if backends else "")
 
     def __str__(self) -> str:
-        head = ("layer", "attention", "rms_norm", "router", "experts")
+        head = ("layer", *KINDS)
         rows = []
         groups = self.layers()
         for layer in sorted(groups, key=lambda x: (x is None, x if x is not None else 0)):
@@ -199,11 +201,13 @@ def _module_unsupported(kind: str, module: nn.Module) -> Optional[str]:
         return _experts_unsupported(module)
     if kind == "router" and getattr(getattr(module, "config", None), "top_k_experts", None) is None:
         return "config has no top_k_experts"
+    if kind == "mlp":
+        return gelu_tanh_unsupported(getattr(module, "act_fn", None))
     return None
 
 
 def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = True, moe: bool = True,
-                rms_norm: bool = True) -> PatchReport:
+                rms_norm: bool = True, mlp: bool = True) -> PatchReport:
     """Swap the text path's Gemma 4 modules for the fast ones, in place; returns a ``PatchReport``.
 
     Args:
@@ -216,12 +220,14 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
             ``"gemma4_fast"`` (restored by ``unpatch_model``).
         moe: patch ``Gemma4TextRouter`` and ``Gemma4TextExperts``.
         rms_norm: patch ``Gemma4RMSNorm`` (layer norms, q/k/v norms, router norm, final norm).
+        mlp: patch the dense ``Gemma4TextMLP`` (fused ``gelu_tanh(gate) * up``; the three linears stay
+            HF modules). An MLP whose ``act_fn`` is not the tanh GELU stays on HF, with the reason.
 
     Calling it again on a patched model updates the backends (and patches what was left out before).
     """
     ops.check_backend(backend)
     register()
-    enabled = {"attention": attention, "rms_norm": rms_norm, "router": moe, "experts": moe}
+    enabled = {"attention": attention, "rms_norm": rms_norm, "router": moe, "experts": moe, "mlp": mlp}
     table = fast_class_map()
     fast_set = set(fast_classes())
     hf_for_fast = {fast: hf for hf, (fast, _) in table.items()}

@@ -32,6 +32,8 @@ def test_installs_in_fresh_venv(tmp_path):
     code = (
         "import importlib.util, gemma4_fast, gemma4_fast.kernels, gemma4_fast.bridge_integration\n"
         "import gemma4_fast.kernels.attention, gemma4_fast.kernels.moe, gemma4_fast.kernels.rmsnorm\n"
+        "import gemma4_fast.kernels.rope, gemma4_fast.kernels.activation\n"
+        "from gemma4_fast.kernels.attention import configs; assert configs\n"
         f"assert gemma4_fast.__file__.startswith({str(env_dir)!r}), gemma4_fast.__file__\n"
         "spec = importlib.util.find_spec('kernels')\n"
         "origin = '' if spec is None else str(spec.origin or spec.submodule_search_locations)\n"
@@ -42,6 +44,10 @@ def test_installs_in_fresh_venv(tmp_path):
     site = next(env_dir.glob("lib/python*/site-packages"))
     assert not (site / "kernels").exists(), "a top-level `kernels` package was installed"
     assert (site / "gemma4_fast" / "kernels" / "__init__.py").exists()
+    shipped = {p.relative_to(ROOT / "kernels") for p in (ROOT / "kernels").glob("*/configs/*.json")}
+    installed = {p.relative_to(site / "gemma4_fast" / "kernels")
+                 for p in (site / "gemma4_fast" / "kernels").glob("*/configs/*.json")}
+    assert shipped and shipped == installed, "tuned config tables must ship in the wheel"
 
 
 def test_import_kernels_does_not_resolve_to_project(tmp_path):

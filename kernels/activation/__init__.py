@@ -1,0 +1,10 @@
+"""Fused Gemma 4 MLP activation: ``h = gelu_tanh(gate) * up`` in one pass (fp32 math, one rounding).
+
+``gelu_mul`` runs a Triton kernel on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) and
+raises a clear error on other devices; it runs the autograd-capable ``gelu_mul_naive`` when
+gradients are needed (logged once).
+"""
+from .gelu_mul import gelu_mul
+from .naive import gelu_mul_naive
+
+__all__ = ["gelu_mul", "gelu_mul_naive"]
