@@ -10,15 +10,12 @@ import copy
 import inspect
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from gemma4_fast import ops
-from gemma4_fast.kernels._compile_check import compile_for_target
+from gemma4_fast.kernels._compile_check import compile_for_target, run_without_interpreter
 from gemma4_fast.kernels.activation import gelu_mul, gelu_mul_naive
 from gemma4_fast.kernels.activation.gelu_mul import (CONFIG_ENV, default_config, gelu_mul_configs, gelu_mul_fwd,
                                                      gelu_mul_fwd_kernel, pick_config)
@@ -304,13 +301,7 @@ def _compile_report(capability, candidates):
 
 
 def _run_compile_report(capability, candidates):
-    code = ("import json, runpy, sys; m = runpy.run_path(sys.argv[1]); "
-            "print(json.dumps(m['_compile_report'](int(sys.argv[2]), sys.argv[3] == '1')))")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", code, __file__, str(capability), "1" if candidates else "0"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_without_interpreter(__file__, "_compile_report", capability, candidates)
 
 
 @pytest.mark.parametrize("capability", [80, 90])

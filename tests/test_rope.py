@@ -10,16 +10,13 @@ import importlib
 import inspect
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding, apply_rotary_pos_emb
 
 from gemma4_fast import ops
-from gemma4_fast.kernels._compile_check import compile_for_target
+from gemma4_fast.kernels._compile_check import compile_for_target, run_without_interpreter
 from gemma4_fast.kernels.rope import rope, rope_naive, rope_qk, rope_qk_naive, unsupported_reason
 from gemma4_fast.models import text_config
 
@@ -338,13 +335,7 @@ def _compile_report(capability, candidates):
 
 
 def _run_compile_report(capability, candidates):
-    code = ("import json, runpy, sys; m = runpy.run_path(sys.argv[1]); "
-            "print(json.dumps(m['_compile_report'](int(sys.argv[2]), sys.argv[3] == '1')))")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", code, __file__, str(capability), "1" if candidates else "0"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_without_interpreter(__file__, "_compile_report", capability, candidates)
 
 
 @pytest.mark.parametrize("capability", [80, 90])

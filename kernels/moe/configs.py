@@ -158,13 +158,8 @@ def compile_config(config: dict[str, Any], capability: int, *, hidden: int = 281
     ``hinted`` compiles as the JIT specializes on the GPU (unit strides constant, pointers and sizes
     16-divisible); without those hints Triton does not pipeline the loads and shared memory is
     under-counted. ``fused_route`` compiles the decode variant (routing in registers, 128 pairs, 128
-    experts). Needs real ``@triton.jit`` kernels (``TRITON_INTERPRET`` unset). Without hints this is
-    ``_compile_check.compile_for_target``.
+    experts). Needs real ``@triton.jit`` kernels (``TRITON_INTERPRET`` unset).
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from .._compile_check import compile_for_target
     from .experts import moe_experts_down_fwd_kernel, moe_experts_gate_up_fwd_kernel
 
@@ -182,16 +177,7 @@ def compile_config(config: dict[str, Any], capability: int, *, hidden: int = 281
                       FUSED_ROUTE=fused_route, ROUTE_N=128 if fused_route else 16, ROUTE_E=128 if fused_route else 16)
         full = {k: v.replace("bf16", dtype) for k, v in sig.items()}
         full.update({k: "constexpr" for k in consts})
-        if not hinted:
-            res = compile_for_target(kernel, full, consts, capability=capability, num_warps=c["num_warps"],
-                                     num_stages=c["num_stages"])
-            out[key] = res.shared
-            continue
-        names = list(full)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in full.items()
-                 if t != "constexpr" and n not in _NOT_DIV16}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=full, constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": c["num_warps"], "num_stages": c["num_stages"]})
-        out[key] = int(compiled.metadata.shared)
+        hints = [n for n, t in full.items() if t != "constexpr" and n not in _NOT_DIV16] if hinted else []
+        out[key] = compile_for_target(kernel, full, consts, capability=capability, num_warps=c["num_warps"],
+                                      num_stages=c["num_stages"], divisible=hints).shared
     return out
