@@ -23,24 +23,12 @@ from typing import Any, Optional
 
 import torch
 
-from gemma4_fast.kernels._common import can_launch, interpret_mode, needs_grad, triton_available
+from gemma4_fast.kernels._common import can_launch, interpret_mode, log_once, needs_grad, triton_available
 
 logger = logging.getLogger("gemma4_fast")
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOGGED: set[tuple[str, str]] = set()
-
-
-def log_once(key: str, msg: str, level: int = logging.INFO) -> None:
-    """Log ``msg`` on the ``gemma4_fast`` logger the first time ``key`` is seen."""
-    token = (key, msg)
-    if token in _LOGGED:
-        return
-    _LOGGED.add(token)
-    logger.log(level, msg)
-
-
 def check_backend(backend: str) -> str:
     """Return ``backend`` if it is one of ``BACKENDS``; raise ``ValueError`` naming the argument otherwise."""
     if backend not in BACKENDS:
@@ -78,9 +66,9 @@ def resolve(backend: str, op: str, *tensors: Any, differentiable: bool = False) 
     if why is None:
         return "triton"
     if backend == "triton":
-        log_once(f"fallback:{op}", f"{op}: backend 'triton' cannot run here ({why}); using the torch op")
+        log_once(f"fallback:{op}:{why}", f"{op}: backend 'triton' cannot run here ({why}); using the torch op")
     else:
-        log_once(f"auto:{op}", f"{op}: backend 'auto' picked the torch op ({why})", logging.DEBUG)
+        log_once(f"auto:{op}:{why}", f"{op}: backend 'auto' picked the torch op ({why})", level=logging.DEBUG)
     return "torch"
 
 
@@ -218,8 +206,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str 
         why = _pkg("rope").unsupported_reason(x, cos, sin)
         if why is not None:
             level = logging.INFO if backend == "triton" else logging.DEBUG
-            log_once("fallback:rope", f"rope: backend {backend!r} cannot run the kernel ({why}); using the torch op",
-                     level)
+            log_once(f"fallback:rope:{why}", f"rope: backend {backend!r} cannot run the kernel ({why}); using the "
+                     "torch op", level=level)
             b = "torch"
     if b == "torch":
         from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb

@@ -174,7 +174,7 @@ def gemma4_fast_experts(module: torch.nn.Module, hidden_states: torch.Tensor, to
     why = _experts_unsupported(module)
     if why is not None:
         ops.log_once(f"experts:{type(module).__name__}", f"gemma4_fast experts: {type(module).__name__} has "
-                     f"{why}; running its eager forward", logging.WARNING)
+                     f"{why}; running its eager forward", level=logging.WARNING)
         return _eager_experts_forward(module)(module, hidden_states, top_k_index, top_k_weights)
     return ops.moe_experts(hidden_states, top_k_index, top_k_weights, module.gate_up_proj, module.down_proj,
                            backend=getattr(module, "_g4f_backend", "auto"))

@@ -6,10 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from typing import Any, Iterator
 
 import torch
+
+
+_LOGGED: set[str] = set()
+
+
+def log_once(key: str, msg: str, *args: Any, level: int = logging.INFO) -> None:
+    """Log ``msg % args`` on the ``gemma4_fast`` logger the first time ``key`` is seen in this process."""
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logging.getLogger("gemma4_fast").log(level, msg, *args)
 
 
 def interpret_mode() -> bool:

@@ -12,6 +12,8 @@ import logging
 import pytest
 import torch
 
+from gemma4_fast.kernels import _common
+
 from gemma4_fast.kernels.moe import (
     moe_align_block_size, moe_align_block_size_naive, moe_experts, moe_experts_naive, moe_router,
     moe_router_naive,
@@ -195,7 +197,7 @@ def test_experts_grad_routes_to_naive(pin_small, caplog):
     gu, dn = _weights(num_experts, hidden, inter, torch.float32)
     x = torch.randn(num_tokens, hidden, requires_grad=True)
     idx, w = _routing(num_tokens, top_k, num_experts)
-    experts_mod._logged.clear()
+    _common._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="gemma4_fast"):
         y = moe_experts(x, idx, w, gu, dn)
     assert y.requires_grad and "gradients requested" in caplog.text
@@ -212,7 +214,7 @@ def test_experts_fallbacks_and_errors(pin_small, caplog, monkeypatch):
     gu, dn = _weights(num_experts, hidden, inter, torch.float64)
     x = torch.randn(num_tokens, hidden, dtype=torch.float64)
     idx, w = _routing(num_tokens, top_k, num_experts)
-    experts_mod._logged.clear()
+    _common._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="gemma4_fast"):
         y = moe_experts(x, idx, w, gu, dn)
     assert "float64" in caplog.text

@@ -9,6 +9,8 @@ import copy
 
 import pytest
 import torch
+
+from gemma4_fast.kernels import _common
 from torch import nn
 
 from gemma4_fast import hooks
@@ -261,9 +263,7 @@ def test_registration_attn_and_experts_implementation(models, preset, monkeypatc
 
 
 def test_gradients_route_to_torch(models, caplog, monkeypatch):
-    from gemma4_fast import ops
-
-    monkeypatch.setattr(ops, "_LOGGED", set())
+    monkeypatch.setattr(_common, "_LOGGED", set())
     ref = models["tiny-moe"]
     fast = copy.deepcopy(ref)
     patch_model(fast, backend="triton")
@@ -285,10 +285,9 @@ def test_gradients_route_to_torch(models, caplog, monkeypatch):
 
 
 def test_experts_function_falls_back_for_other_layouts(models, caplog, monkeypatch):
-    from gemma4_fast import ops
     from gemma4_fast.registration import gemma4_fast_experts
 
-    monkeypatch.setattr(ops, "_LOGGED", set())
+    monkeypatch.setattr(_common, "_LOGGED", set())
     experts = copy.deepcopy(models["tiny-moe"].model.layers[0].experts)
     experts.config = copy.deepcopy(experts.config)
     experts.config.hidden_activation = "silu"

@@ -13,6 +13,8 @@ import math
 import pytest
 import torch
 
+from gemma4_fast.kernels import _common
+
 from gemma4_fast.kernels._compile_check import compile_for_target, run_without_interpreter
 from gemma4_fast.kernels.rmsnorm import (RMSNormOutput, rms_norm, rms_norm_naive, rms_norm_residual,
                                          rms_norm_residual_naive)
@@ -204,7 +206,7 @@ def test_layouts_that_copy_are_logged(caplog):
     w = _rand(32, dtype=torch.float32)
     last_strided = _rand(6, 64, dtype=torch.float32)[:, ::2]
     many_lead = _rand(3, 4, 5, 6, 32, dtype=torch.float32).permute(3, 1, 0, 2, 4)[:, ::2]
-    rn._LOGGED.clear()
+    _common._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="gemma4_fast"):
         assert _rel(rms_norm(last_strided, w), rms_norm_naive(last_strided, w)) <= 1e-5
         assert "last-dim stride" in caplog.text
@@ -254,7 +256,7 @@ def test_residual(dtype, rdtype, with_next, with_scale):
 def test_autograd_routes_to_naive(caplog):
     x = _rand(7, 97, dtype=torch.float32).requires_grad_()
     w = _rand(97, dtype=torch.float32).requires_grad_()
-    rn._LOGGED.clear()
+    _common._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="gemma4_fast"):
         y = rms_norm(x, w)
     assert "gradients requested" in caplog.text

@@ -13,6 +13,8 @@ import logging
 
 import pytest
 import torch
+
+from gemma4_fast.kernels import _common
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding, apply_rotary_pos_emb
 
 from gemma4_fast import ops
@@ -220,7 +222,7 @@ def test_errors(monkeypatch):
 def test_kernel_api_autograd_routes_to_naive(caplog):
     x = _rand(1, 5, 3, 24, dtype=torch.float32).requires_grad_()
     cos, sin = _rand(1, 5, 24, dtype=torch.float32), _rand(1, 5, 24, dtype=torch.float32)
-    rp._LOGGED.clear()
+    _common._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="gemma4_fast"):
         y = rope(x, cos, sin)
     assert "gradients requested" in caplog.text and y.requires_grad
@@ -237,7 +239,7 @@ def test_ops_rope_backends(dtype, caplog):
     for backend in ("triton", "auto"):
         _check(ops.rope(x, cos, sin, backend=backend), _ref64(x, cos, sin), _hf(x, cos, sin), dtype=dtype)
     other = torch.float16 if dtype == torch.float32 else torch.float32
-    ops._LOGGED.clear()
+    _common._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="gemma4_fast"):
         out = ops.rope(x, cos.to(other), sin.to(other), backend="triton")
     assert "cos has dtype" in caplog.text

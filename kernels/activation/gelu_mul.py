@@ -24,29 +24,18 @@ row count, and the env var ``GEMMA4_FAST_GELU_MUL_CONFIG`` pins one (JSON, e.g.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from .._common import can_launch, device_of, needs_grad, next_power_of_2, pinned_config
+from .._common import can_launch, device_of, log_once, needs_grad, next_power_of_2, pinned_config
 from .naive import gelu_mul_naive
 
-logger = logging.getLogger("gemma4_fast")
 
 CONFIG_ENV = "GEMMA4_FAST_GELU_MUL_CONFIG"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOGGED: set[str] = set()
-
-
-def _log_once(key: str, msg: str, *args: Any, level: int = logging.INFO) -> None:
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        logger.log(level, msg, *args)
-
-
 # --------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------
@@ -139,13 +128,13 @@ def _rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, N]`` with unit column stride and one row stride, copying (logged) if needed."""
     N = t.shape[-1]
     if N > 1 and t.stride(-1) != 1:
-        _log_once(f"copy-last-{name}", "gelu_mul: %s has last-dim stride %d; copying to contiguous",
+        log_once(f"copy-last-{name}", "gelu_mul: %s has last-dim stride %d; copying to contiguous",
                   name, t.stride(-1))
         t = t.contiguous()
     try:
         return t.view(-1, N)
     except RuntimeError:
-        _log_once(f"copy-lead-{name}", "gelu_mul: leading dims of %s do not merge into one row stride; "
+        log_once(f"copy-lead-{name}", "gelu_mul: leading dims of %s do not merge into one row stride; "
                   "copying to contiguous", name)
         return t.contiguous().view(-1, N)
 
@@ -208,7 +197,7 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if up.device != gate.device:
         raise ValueError(f"up is on {up.device} but gate is on {gate.device}")
     if needs_grad(gate, up):
-        _log_once("grad-gelu_mul", "gelu_mul: gradients requested; using the autograd-capable naive op")
+        log_once("grad-gelu_mul", "gelu_mul: gradients requested; using the autograd-capable naive op")
         return gelu_mul_naive(gate, up)
     out_dtype = torch.promote_types(gate.dtype, up.dtype)
     h = torch.empty(gate.shape, dtype=out_dtype, device=gate.device)

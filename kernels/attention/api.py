@@ -6,27 +6,18 @@
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 
-from .._common import can_launch, device_of, needs_grad
+from .._common import can_launch, device_of, log_once, needs_grad
 from . import configs as _configs
 from .naive import (attention_naive, attention_pattern_naive, attention_scores_naive, pattern_apply_naive,
                     softmax_scores)
 
-log = logging.getLogger("gemma4_fast")
 
 MAX_HEAD_DIM = 512
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_logged: set[str] = set()
-
-
-def _log_once(key: str, msg: str, *args) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        log.info(msg, *args)
 
 
 def _new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -48,7 +39,7 @@ def _mode(window, causal: bool) -> str:
 
 def _unit_last(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.shape[-1] > 1 and t.stride(-1) != 1:
-        _log_once(f"copy-{name}", "attention: %s has a non-unit last stride; copying it contiguous", name)
+        log_once(f"copy-{name}", "attention: %s has a non-unit last stride; copying it contiguous", name)
         return t.contiguous()
     return t
 
@@ -106,14 +97,14 @@ def _kpm_u8(kpm: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def _fast_ok(op: str, *tensors) -> bool:
     """Whether the Triton path applies; logs (once per reason) why not."""
     if needs_grad(*tensors):
-        _log_once(f"{op}-grad", "%s: inputs require grad; using the differentiable PyTorch reference", op)
+        log_once(f"{op}-grad", "%s: inputs require grad; using the differentiable PyTorch reference", op)
         return False
     if not can_launch(tensors[0]):
-        _log_once(f"{op}-dev", "%s: no Triton backend for %s tensors; using the PyTorch reference", op,
+        log_once(f"{op}-dev", "%s: no Triton backend for %s tensors; using the PyTorch reference", op,
                   tensors[0].device.type)
         return False
     if tensors[0].dtype not in _DTYPES:
-        _log_once(f"{op}-dtype", "%s: dtype %s has no kernel; using the PyTorch reference", op, tensors[0].dtype)
+        log_once(f"{op}-dtype", "%s: dtype %s has no kernel; using the PyTorch reference", op, tensors[0].dtype)
         return False
     return True
 
@@ -170,7 +161,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
                                key_padding_mask=kpm, return_lse=return_lse)
     q, k, v = _unit_last("q", q), _unit_last("k", k), _unit_last("v", v)
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
     o_buf = _new_empty((B, Sq, Hq, D), q.dtype, q.device)
     o = o_buf.permute(0, 2, 1, 3)
     lse = _new_empty((B, Hq, Sq), torch.float32, q.device) if return_lse else None
@@ -295,7 +285,7 @@ def pattern_apply(pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if v.shape[0] != B or v.shape[2] != Sk or Hq % v.shape[1] != 0:
         raise ValueError(f"v must be [B={B}, Hkv | {Hq}, Sk={Sk}, D], got {tuple(v.shape)}")
     if needs_grad(pattern, v):
-        _log_once("pattern_apply-grad", "pattern_apply: inputs require grad; using the PyTorch reference")
+        log_once("pattern_apply-grad", "pattern_apply: inputs require grad; using the PyTorch reference")
         return pattern_apply_naive(pattern, v)
     out = _new_empty((B, Sq, Hq, v.shape[3]), v.dtype, v.device)
     return pattern_apply_matmul(pattern, v, out)

@@ -27,34 +27,23 @@ Weights are used in HF's layout, no copies. Expert ids outside ``[0, E)`` (HF's 
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._common import can_launch, device_of, needs_grad, next_power_of_2
+from .._common import can_launch, device_of, log_once, needs_grad, next_power_of_2
 from .align import moe_align_block_size_fwd, padded_length
 from .configs import get_config
 from .naive import moe_experts_naive
 
-logger = logging.getLogger("gemma4_fast")
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
-_logged: set[str] = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        logger.info(msg)
-
-
 @triton.jit
 def _gelu_tanh(x):
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
@@ -404,13 +393,14 @@ def moe_experts(
     _check(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
     kwargs = {"return_expert_outputs": return_expert_outputs}
     if needs_grad(x, top_k_weights, gate_up_proj, down_proj):
-        _log_once("moe_experts: gradients requested; using the PyTorch reference (no Triton backward)")
+        log_once("moe-grad", "moe_experts: gradients requested; using the PyTorch reference (no Triton backward)")
         return moe_experts_naive(x, top_k_index, top_k_weights, gate_up_proj, down_proj, **kwargs)
     if x.dtype not in _SUPPORTED:
-        _log_once(f"moe_experts: dtype {x.dtype} has no Triton path; using the PyTorch reference")
+        log_once(f"moe-dtype-{x.dtype}", "moe_experts: dtype %s has no Triton path; using the PyTorch reference", x.dtype)
         return moe_experts_naive(x, top_k_index, top_k_weights, gate_up_proj, down_proj, **kwargs)
     if not can_launch(x):
-        _log_once(f"moe_experts: Triton cannot launch on {x.device}; using the PyTorch reference")
+        log_once(f"moe-device-{x.device}", "moe_experts: Triton cannot launch on %s; using the PyTorch reference",
+                 x.device)
         return moe_experts_naive(x, top_k_index, top_k_weights, gate_up_proj, down_proj, **kwargs)
     num_tokens, top_k = top_k_index.shape
     num_experts, two_inter, hidden = gate_up_proj.shape

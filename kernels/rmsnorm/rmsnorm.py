@@ -31,24 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import can_launch, device_of, interpret_mode, needs_grad, next_power_of_2, pinned_config
+from .._common import can_launch, device_of, interpret_mode, log_once, needs_grad, next_power_of_2, pinned_config
 from .naive import RMSNormOutput, rms_norm_naive, rms_norm_residual_naive
 
-logger = logging.getLogger("gemma4_fast")
 
 CONFIG_ENV = "GEMMA4_FAST_RMSNORM_CONFIG"
 MAX_WIDTH = 16384
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-_LOGGED: set[str] = set()
-
-
-def _log_once(key: str, msg: str, *args: Any, level: int = logging.INFO) -> None:
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        logger.log(level, msg, *args)
-
-
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -303,13 +293,13 @@ def _prepare(named: dict[str, torch.Tensor]):
         return ts, [next(iter(ts.values())).numel() // D, 1, 1], [[D, 0, 0] for _ in ts], 1
     for name, t in ts.items():
         if t.shape[-1] > 1 and t.stride(-1) != 1:
-            _log_once(f"copy-last-{name}", "rms_norm: %s has last-dim stride %d; copying to contiguous",
+            log_once(f"copy-last-{name}", "rms_norm: %s has last-dim stride %d; copying to contiguous",
                       name, t.stride(-1))
             ts[name] = t.contiguous()
     shape = tuple(next(iter(ts.values())).shape)
     lay = _lead_layout(shape, *(tuple(t.stride()) for t in ts.values()))
     if lay is None:
-        _log_once(f"copy-lead-{tuple(ts)}", "rms_norm: leading dims of %s need more than 3 strides; "
+        log_once(f"copy-lead-{tuple(ts)}", "rms_norm: leading dims of %s need more than 3 strides; "
                   "copying to contiguous", "/".join(ts))
         ts = {k: t.contiguous() for k, t in ts.items()}
         lay = _lead_layout(shape, *(tuple(t.stride()) for t in ts.values()))
@@ -425,12 +415,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     D = x.shape[-1]
     _check_weight("weight", weight, D, x.device)
     if torch.is_grad_enabled() and needs_grad(x, weight):
-        _log_once("grad-rms_norm", "rms_norm: gradients requested; using the autograd-capable naive op")
+        log_once("grad-rms_norm", "rms_norm: gradients requested; using the autograd-capable naive op")
         return rms_norm_naive(x, weight, eps, return_scale=return_scale, return_normalized=return_normalized)
     if x.numel() == 0:
         return rms_norm_naive(x, weight, eps, return_scale=return_scale, return_normalized=return_normalized)
     if D > MAX_WIDTH:
-        _log_once(f"wide-{D}", "rms_norm: width %d exceeds the single-pass limit %d; using the naive op",
+        log_once(f"wide-{D}", "rms_norm: width %d exceeds the single-pass limit %d; using the naive op",
                   D, MAX_WIDTH, level=logging.WARNING)
         return rms_norm_naive(x, weight, eps, return_scale=return_scale, return_normalized=return_normalized)
     _check_launchable(x)
@@ -485,12 +475,12 @@ def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     next_eps = eps if next_eps is None else next_eps
     args = (x, residual, weight, eps)
     if torch.is_grad_enabled() and needs_grad(x, residual, weight, next_weight):
-        _log_once("grad-rms_norm_residual", "rms_norm_residual: gradients requested; using the naive op")
+        log_once("grad-rms_norm_residual", "rms_norm_residual: gradients requested; using the naive op")
         return rms_norm_residual_naive(*args, next_weight=next_weight, next_eps=next_eps)
     if x.numel() == 0:
         return rms_norm_residual_naive(*args, next_weight=next_weight, next_eps=next_eps)
     if D > MAX_WIDTH:
-        _log_once(f"wide-{D}", "rms_norm_residual: width %d exceeds the single-pass limit %d; using the "
+        log_once(f"wide-{D}", "rms_norm_residual: width %d exceeds the single-pass limit %d; using the "
                   "naive op", D, MAX_WIDTH, level=logging.WARNING)
         return rms_norm_residual_naive(*args, next_weight=next_weight, next_eps=next_eps)
     _check_launchable(x)

@@ -27,7 +27,6 @@ token count (bucketed), and the env var ``GEMMA4_FAST_ROPE_CONFIG`` pins one (JS
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Any, Optional
 
@@ -35,23 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import can_launch, device_of, needs_grad, next_power_of_2, pinned_config
+from .._common import can_launch, device_of, log_once, needs_grad, next_power_of_2, pinned_config
 from .naive import rope_naive, rope_qk_naive
 
-logger = logging.getLogger("gemma4_fast")
 
 CONFIG_ENV = "GEMMA4_FAST_ROPE_CONFIG"
 MAX_HEAD_DIM = 1024
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOGGED: set[str] = set()
-
-
-def _log_once(key: str, msg: str, *args: Any, level: int = logging.INFO) -> None:
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        logger.log(level, msg, *args)
-
-
 # --------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------
@@ -168,7 +157,7 @@ def pick_config(head_dim: int, n_tokens: int) -> dict[str, int]:
 
 def _last_dim_unit(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.shape[-1] > 1 and t.stride(-1) != 1:
-        _log_once(f"copy-{name}", "rope: %s has last-dim stride %d; copying to contiguous", name, t.stride(-1))
+        log_once(f"copy-{name}", "rope: %s has last-dim stride %d; copying to contiguous", name, t.stride(-1))
         return t.contiguous()
     return t
 
@@ -277,7 +266,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """
     _validate("x", x, cos, sin)
     if needs_grad(x, cos, sin):
-        _log_once("grad-rope", "rope: gradients requested; using the autograd-capable naive op")
+        log_once("grad-rope", "rope: gradients requested; using the autograd-capable naive op")
         return rope_naive(x, cos, sin)
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -315,7 +304,7 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         raise ValueError(f"k has shape {tuple(k.shape)}; it must be 4-D and match q {tuple(q.shape)} in B, S and D")
     _validate("k", k, cos, sin)
     if needs_grad(q, k, cos, sin):
-        _log_once("grad-rope_qk", "rope_qk: gradients requested; using the autograd-capable naive op")
+        log_once("grad-rope_qk", "rope_qk: gradients requested; using the autograd-capable naive op")
         return rope_qk_naive(q, k, cos, sin)
     out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
