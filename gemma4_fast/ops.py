@@ -8,11 +8,13 @@ Every function here takes a ``backend`` keyword:
   logged once per (op, reason). When autograd needs gradients, ``rms_norm``, ``attention`` and
   ``moe_experts`` (without extra outputs) still run forward on Triton and get their backward by recomputing
   the naive twin (``_NaiveBackward``): fast forwards, exact gradients; the other ops run the naive twin.
+  ``rope`` and ``gelu_mul`` do the same.
 - ``"auto"``: Triton when the input can take it (a CUDA tensor, or a CPU tensor with
   ``TRITON_INTERPRET=1``), else the naive twin (logged once at debug level).
 
-The kernel packages are looked up at call time (``gemma4_fast.kernels.attention`` /``.moe`` /
-``.rmsnorm``), so code built on these functions does not change when a kernel lands or is replaced.
+The kernel packages are looked up at call time (``gemma4_fast.kernels.attention`` / ``.moe`` /
+``.rmsnorm`` / ``.rope`` / ``.activation``), so code built on these functions does not change when a kernel
+lands or is replaced.
 Shapes and dtypes are those of the kernel ops; see their docstrings.
 """
 from __future__ import annotations

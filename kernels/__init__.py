@@ -1,4 +1,5 @@
-"""Pure ops for Gemma 4 (no model knowledge): ``attention``, ``moe`` and ``rmsnorm``.
+"""Pure ops for Gemma 4 (no model knowledge): ``attention``, ``moe``, ``rmsnorm``, ``rope`` and
+``activation`` (fused ``gelu_tanh(gate) * up``).
 
 Installed as ``gemma4_fast.kernels``. Each op folder holds ``naive.py`` (the plain PyTorch
 reference, naming the HF function it mirrors) beside its Triton file(s).
