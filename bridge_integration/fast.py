@@ -52,7 +52,7 @@ class FastKernelsReport:
         if not self.enabled:
             return f"HF delegation (fast kernels off: {self.reason})"
         return (f"fast kernels on ({self.backend} backend): {len(self.hooks_added)} hooks added; "
-                "gradients route through the torch ops")
+                "when autograd needs gradients the backward recomputes the torch ops")
 
     def __str__(self) -> str:
         lines = [self.summary()]
