@@ -27,7 +27,6 @@ only the fused attention op runs and no ``[.., Sq, Sk]`` tensor exists.
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -200,7 +199,7 @@ def _slow_path(q, k, v, mask, *, scale, window, softcap, causal, backend, scores
             o, p = _fast_flows(q, k, v, kpm=kpm, window=window, causal=causal, want_weights=want_weights, **kw)
             return o, (p.to(q.dtype) if (want_weights and p is not None) else None)
     ops.log_once("attn-explicit", "attention mask is not causal/window/padding (e.g. bidirectional image "
-                 "blocks): attention runs on the explicit mask", logging.INFO)
+                 "blocks): attention runs on the explicit mask")
     o, p = _explicit_flow(q, k, v, keep, additive, **kw)
     return o, (p.to(q.dtype) if want_weights else None)
 
