@@ -120,11 +120,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .kernels._common import triton_available
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import transformer_lens
-        print(f"transformer_lens {transformer_lens.__version__}")
-    except Exception as exc:
-        print(f"transformer_lens unavailable: {exc}")
+        print(f"transformer-lens {version('transformer-lens')}")
+    except PackageNotFoundError:
+        print("transformer-lens is not installed")
     print(f"triton available: {triton_available()}")
     if torch.cuda.is_available():
         print(f"CUDA: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}):"
@@ -138,7 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gemma4_fast").setLevel(logging.INFO)
     args = _parser().parse_args(argv)
-    return {"demo": cmd_demo, "presets": cmd_presets, "info": cmd_info}[args.command](args)
+    from .bridge_integration import FastKernelsUnavailable
+
+    try:
+        return {"demo": cmd_demo, "presets": cmd_presets, "info": cmd_info}[args.command](args)
+    except (FastKernelsUnavailable, FileNotFoundError) as exc:
+        print(f"gemma4-fast: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

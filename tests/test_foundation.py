@@ -140,6 +140,14 @@ def test_cli_demo_runs_offline():
     assert "delegation" in out.stdout.lower()
 
 
+def test_cli_demo_fast_kernels_true_without_cuda_is_a_clear_error():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-m", "gemma4_fast", "demo", "--fast-kernels", "true"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and "fast_kernels=True but the fast path cannot run" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_cli_presets_lists_all():
     out = subprocess.run([sys.executable, "-m", "gemma4_fast", "presets"], capture_output=True, text=True,
                          timeout=300)
