@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
+# Tiny CPU tensors: one intra-op thread avoids oversubscription (a tiny generate runs ~50x faster on 2 cores).
+torch.set_num_threads(1)
 # Without a GPU, Triton kernels run on the CPU through the interpreter. The flag is read when a
 # kernel is decorated, so it must be set before any gemma4_fast.kernels module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    # Tiny tensors: one thread avoids oversubscription on small CI machines (a tiny generate runs ~50x faster).
-    torch.set_num_threads(1)
     import triton.runtime.interpreter as _interp
 
     _orig_patch_lang_tensor = _interp._patch_lang_tensor

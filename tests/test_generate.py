@@ -19,15 +19,6 @@ PRESETS = ["tiny-ple-kv-shared", "tiny-dense-k-eq-v", "tiny-moe"] + (["tiny-unif
 NEW_TOKENS = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny CPU models run fastest (and steadiest on a busy machine) on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _prompt(batch: int = 3, seq: int = 9, pads=(0, 3, 6), seed: int = 5):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 300, (batch, seq), generator=g)

@@ -22,13 +22,6 @@ from gemma4_fast.registration import NAME, is_registered, register
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny CPU models run fastest (and steadiest on a busy machine) on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 PRESETS = ["tiny-ple-kv-shared", "tiny-dense-k-eq-v", "tiny-moe"] + (["tiny-unified"] if unified_available() else [])
 
 
