@@ -11,6 +11,8 @@ What is timed (rows of the ``model`` suite; ``impl`` says which side):
   attention; MoE experts on HF's default ``grouped_mm``); ``fast``: the same model after
   ``gemma4_fast.patch.patch_model(model, backend="triton")`` (undone after the item).
 - ``hf_forward_full_logits``: the same with every position's logits (sizes of the pre-project anchors).
+- ``hf_generate``: HF ``generate`` (2048-token prompt, exactly 32 new tokens, greedy, dynamic cache), sdpa vs
+  the patched model: decode tokens/s.
 - ``bridge_forward`` (full logits), ``bridge_cache_resid`` (``run_with_cache`` with ``names_filter`` =
   ``hook_resid_post`` only), ``bridge_cache_all`` (everything cached), ``bridge_hooks_patch``
   (``run_with_hooks`` zeroing head 0 of layer 0's ``hook_pattern``), ``bridge_generate`` (2048-token prompt,
@@ -22,9 +24,10 @@ What is timed (rows of the ``model`` suite; ``impl`` says which side):
 Every row has ``ms`` (median of CUDA-event times of the timed calls), ``peak_gib`` (peak allocation
 during the calls above what was allocated before: weights excluded, as in the anchors), ``flops``,
 ``tflops`` and ``frac_mm`` (an estimate of the forward's matmul and attention FLOPs over the measured
-bf16 matmul ceiling; ``bridge_generate`` instead has ``tok_s`` and an estimate of weight bytes read per
+bf16 matmul ceiling; the generate rows instead have ``tok_s`` and an estimate of weight bytes read per
 decoded token, as ``TBps`` / ``frac_bw``). Fast rows of ``hf_forward`` / ``bridge_forward`` also carry
-``max_rel_diff`` of the last position's logits against the baseline, and ``bridge_hooks_patch`` rows
+``max_rel_diff`` of the last position's logits against the baseline (not a correctness check on deep
+random-weight models, whose bf16 runs diverge: see ``bench/bf16_noise.py``), and ``bridge_hooks_patch`` rows
 ``hook_effect`` (how much the patching hook moved those logits; the seed bridge discards pattern edits).
 
 Inputs: token ids ``[BOS=2] + randint(4, 260)`` (the offline tokenizer's byte range), three sets rotated
@@ -58,6 +61,7 @@ if QUICK:
     PLAN: dict[str, dict[str, list[int]]] = {
         "hf_forward": {"E2B": [1024, 4096], "A4B-6L": [512]},
         "hf_forward_full_logits": {},
+        "hf_generate": {"E2B": [GEN_PROMPT]},
         "bridge_forward": {"E2B": [1024]},
         "bridge_cache_resid": {"E2B": [1024]},
         "bridge_cache_all": {"E2B": [1024]},
@@ -68,6 +72,7 @@ else:
     PLAN = {
         "hf_forward": {"E2B": [1024, 4096, 8192, 32768], "A4B-6L": [512, 4096], "26B-A4B": [512, 4096]},
         "hf_forward_full_logits": {"E2B": [8192], "26B-A4B": [1024, 4096]},
+        "hf_generate": {"E2B": [GEN_PROMPT]},
         "bridge_forward": {"E2B": [1024, 4096, 8192], "26B-A4B": [1024, 4096]},
         "bridge_cache_resid": {"E2B": [1024, 4096, 8192], "26B-A4B": [1024, 4096]},
         "bridge_cache_all": {"E2B": [1024, 4096]},
@@ -81,7 +86,7 @@ IMPLS = {"hf": ("sdpa", "fast"), "bridge": ("seed", "fast")}
 
 def timing(what: str, S: int) -> dict[str, int]:
     """Warm-up and timed rounds of one item (few: each call is a whole model)."""
-    if QUICK or what == "bridge_generate" or S >= 16384:
+    if QUICK or what.endswith("_generate") or S >= 16384:
         return {"warmup_rounds": 1, "rounds": 2}
     if S >= 8192:
         return {"warmup_rounds": 1, "rounds": 3}
@@ -314,6 +319,22 @@ def make_work(case: ModelCase, what: str, S: int, impl: str) -> Work:
         ref = case.last_logits.get((*key, baseline))
         return {"max_rel_diff": _rel_diff(last, ref)} if impl != baseline and ref is not None else {}
 
+    if what == "hf_generate":
+        model = case.hf(impl)
+        fields["impl_detail"] = (f"HF generate, attn={model.config._attn_implementation}" if impl != "fast"
+                                 else f"HF generate after patch_model(backend={case.backend})")
+        fields.update(prompt=S, new=GEN_NEW)
+
+        def fn():
+            with torch.no_grad():
+                return model.generate(cur["ids"], attention_mask=torch.ones_like(cur["ids"]),
+                                      max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW, do_sample=False,
+                                      pad_token_id=0)
+
+        def check() -> dict[str, Any]:
+            return {"generated": int(fn().shape[-1] - S)}
+        return Work(fn, setup, fields, nbytes=decode_bytes_per_token(case.model) * GEN_NEW, check=check)
+
     if what in ("hf_forward", "hf_forward_full_logits"):
         model = case.hf(impl)
         full = what == "hf_forward_full_logits"
@@ -462,7 +483,7 @@ def run_item(pool: ModelPool, cuda_bench: Any, what: str, model: str, S: int, im
         cuda_bench.recorder(dict(work.fields, error=f"OutOfMemoryError: {str(exc)[:300]}"))
         pytest.skip(f"{model} at S={S} does not fit in GPU memory ({impl})")
     extra = work.check()
-    if what == "bridge_generate":
+    if what.endswith("_generate"):
         extra["tok_s"] = GEN_NEW / (row["ms"] * 1e-3)
     row.update(extra)
     cuda_bench.benchmark.extra_info.update(extra)
@@ -477,6 +498,11 @@ def test_hf_forward(pool, cuda_bench, model, S, impl):
 @pytest.mark.parametrize("model,S,impl", params("hf_forward_full_logits"))
 def test_hf_forward_full_logits(pool, cuda_bench, model, S, impl):
     run_item(pool, cuda_bench, "hf_forward_full_logits", model, S, impl)
+
+
+@pytest.mark.parametrize("model,S,impl", params("hf_generate"))
+def test_hf_generate(pool, cuda_bench, model, S, impl):
+    run_item(pool, cuda_bench, "hf_generate", model, S, impl)
 
 
 @pytest.mark.parametrize("model,S,impl", params("bridge_forward"))
@@ -502,6 +528,7 @@ def test_bridge_hooks_patch(pool, cuda_bench, model, S, impl):
 @pytest.mark.parametrize("model,S,impl", params("bridge_generate"))
 def test_bridge_generate(pool, cuda_bench, model, S, impl):
     run_item(pool, cuda_bench, "bridge_generate", model, S, impl)
+
 
 
 def plan_summary() -> list[tuple[str, str, int]]:

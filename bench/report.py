@@ -45,6 +45,7 @@ WORKLOADS = {
     "bridge_cache_all": "run_with_cache (all hooks)",
     "bridge_hooks_patch": "run_with_hooks (pattern patch)",
     "bridge_generate": "generate (prompt+32, 1 hook)",
+    "hf_generate": "HF generate (prompt+32)",
 }
 # our workload -> (anchor 'what', constraints on the anchor row), first match wins
 ANCHOR_WHAT: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -436,7 +437,7 @@ def plot_model(entries: list[dict], suite: dict, anchors: list[dict], out: Path)
     rows = [r for r in suite.get("rows", []) if "error" not in r and isinstance(r.get("ms"), (int, float))]
     panels: dict[tuple, dict[str, list]] = {}
     for r in rows:
-        if r.get("what") == "bridge_generate":
+        if str(r.get("what", "")).endswith("_generate"):
             continue
         panels.setdefault((r.get("model"), r["what"]), {}).setdefault(r["impl"], []).append((r["S"], r["ms"]))
     panels = {k: v for k, v in panels.items() if len({s for pts in v.values() for s, _ in pts}) >= 2}
