@@ -29,7 +29,6 @@ from ..hooks import clear_hooks, set_hooks
 logger = logging.getLogger("gemma4_fast")
 
 _STATE_ATTR = "_g4f_fast_state"
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class FastKernelsUnavailable(RuntimeError):
@@ -94,7 +93,7 @@ def resolve_backend(model: nn.Module, backend: str = "auto") -> tuple[Optional[s
     ``"auto"`` means Triton on CUDA with a supported dtype; ``"triton"`` also accepts CPU tensors when the
     Triton interpreter is on (tests); ``"torch"`` runs the same modules on the plain-PyTorch ops.
     """
-    from ..kernels._common import interpret_mode, triton_available
+    from ..ops import triton_unavailable_reason
 
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
@@ -102,19 +101,16 @@ def resolve_backend(model: nn.Module, backend: str = "auto") -> tuple[Optional[s
         return "torch", ""
     params = [p for p in model.parameters() if p.is_floating_point()]
     devices = {p.device.type for p in params}
-    dtypes = {p.dtype for p in params}
-    if not triton_available():
-        return None, "Triton is not installed"
-    bad = [d for d in dtypes if d not in _SUPPORTED_DTYPES]
-    if bad:
-        return None, f"parameter dtype {bad[0]} is not supported by the kernels (fp32/fp16/bf16)"
-    if devices == {"cuda"}:
-        return "triton", ""
-    if backend == "triton" and interpret_mode() and devices <= {"cpu", "cuda"}:
-        return "triton", ""
-    if not torch.cuda.is_available():
-        return None, "CUDA is not available"
-    return None, f"model parameters are on {sorted(devices)}, not all on CUDA"
+    if backend == "auto" and devices != {"cuda"}:
+        if not torch.cuda.is_available():
+            return None, "CUDA is not available"
+        return None, f"model parameters are on {sorted(devices)}, not all on CUDA"
+    probes = {(p.device, p.dtype): p for p in params}
+    for probe in probes.values():
+        why = triton_unavailable_reason(probe)
+        if why is not None:
+            return None, why
+    return "triton", ""
 
 
 def _components(bridge: Any):
