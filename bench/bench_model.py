@@ -12,7 +12,8 @@ What is timed (rows of the ``model`` suite; ``impl`` says which side):
   ``gemma4_fast.patch.patch_model(model, backend="triton")`` (undone after the item).
 - ``hf_forward_full_logits``: the same with every position's logits (sizes of the pre-project anchors).
 - ``hf_generate``: HF ``generate`` (2048-token prompt, exactly 32 new tokens, greedy, dynamic cache), sdpa vs
-  the patched model: decode tokens/s.
+  the patched model, and ``graph``: ``gemma4_fast.generate`` on the patched model (preallocated cache, decode
+  step replayed as a CUDA graph, captured in the warm-up call and reused): decode tokens/s (prefill included).
 - ``bridge_forward`` (full logits), ``bridge_cache_resid`` (``run_with_cache`` with ``names_filter`` =
   ``hook_resid_post`` only), ``bridge_cache_all`` (everything cached), ``bridge_hooks_patch``
   (``run_with_hooks`` zeroing head 0 of layer 0's ``hook_pattern``), ``bridge_generate`` (2048-token prompt,
@@ -320,13 +321,18 @@ def make_work(case: ModelCase, what: str, S: int, impl: str) -> Work:
         return {"max_rel_diff": _rel_diff(last, ref)} if impl != baseline and ref is not None else {}
 
     if what == "hf_generate":
-        model = case.hf(impl)
-        fields["impl_detail"] = (f"HF generate, attn={model.config._attn_implementation}" if impl != "fast"
-                                 else f"HF generate after patch_model(backend={case.backend})")
+        model = case.hf("fast" if impl == "graph" else impl)
+        fields["impl_detail"] = {"fast": f"HF generate after patch_model(backend={case.backend})",
+                                 "graph": f"gemma4_fast.generate (CUDA-graph decode) after patch_model("
+                                          f"backend={case.backend})"}.get(
+            impl, f"HF generate, attn={model.config._attn_implementation}")
         fields.update(prompt=S, new=GEN_NEW)
 
         def fn():
             with torch.no_grad():
+                if impl == "graph":
+                    import gemma4_fast
+                    return gemma4_fast.generate(model, cur["ids"], max_new_tokens=GEN_NEW, cuda_graph=True)
                 return model.generate(cur["ids"], attention_mask=torch.ones_like(cur["ids"]),
                                       max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW, do_sample=False,
                                       pad_token_id=0)
@@ -456,10 +462,11 @@ def _free_between_items():
 def params(what: str) -> list[Any]:
     """pytest params (model, S, impl) of one workload, model-major, impls side by side per size."""
     kind = "bridge" if what.startswith("bridge") else "hf"
+    impls = IMPLS[kind] + (("graph",) if what == "hf_generate" else ())
     out = []
     for model in MODEL_ORDER:
         for S in PLAN[what].get(model, []):
-            for impl in IMPLS[kind]:
+            for impl in impls:
                 out.append(pytest.param(model, S, impl, id=f"{model}-S{S}-{impl}", marks=pytest.mark.model(model)))
     if not out:
         plan = "quick" if QUICK else "full"

@@ -17,6 +17,7 @@ from .bridge_integration import (
     install_boot_flag,
     register_adapters,
 )
+from .decode import generate
 from .models import build_model, build_model_split, load_model, offline_tokenizer
 from .patch import PatchReport, is_patched, patch_model, unpatch_model
 from .presets import PRESETS, get_preset
@@ -27,5 +28,5 @@ register_adapters()
 install_boot_flag()
 
 __all__ = ["boot_transformers", "enable_fast_kernels", "disable_fast_kernels", "FastKernelsReport",
-           "FastKernelsUnavailable", "patch_model", "unpatch_model", "is_patched", "PatchReport", "register",
+           "FastKernelsUnavailable", "generate", "patch_model", "unpatch_model", "is_patched", "PatchReport", "register",
            "build_model", "build_model_split", "load_model", "offline_tokenizer", "PRESETS", "get_preset"]

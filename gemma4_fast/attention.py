@@ -111,7 +111,8 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
                    scale: float, window: Optional[int], softcap: Optional[float], causal: bool, backend: str,
                    scores_hook: Optional[HookFn] = None, pattern_hooks: Sequence[HookFn] = (),
                    want_weights: bool = False, dropout: float = 0.0,
-                   valid_len_fn: Optional[Callable[[], Optional[int]]] = None):
+                   valid_len_fn: Optional[Callable[[], Optional[int]]] = None,
+                   kv_lens: Optional[torch.Tensor] = None):
     """Attention of one layer with mask handling, seams and backend dispatch.
 
     Args:
@@ -127,6 +128,9 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
         want_weights: return the pattern (``output_attentions``).
         dropout: attention dropout probability (training); > 0 runs the pattern path.
         valid_len_fn: returns the number of valid keys of a prefix-filled static cache buffer (or None).
+        kv_lens: ``[B]`` int32 valid keys per row of a preallocated buffer, read on the device (CUDA-graph
+            decode, ``gemma4_fast.decode``); ``mask`` is then None or the 2-D ``[B, Sk]`` key padding mask
+            and no seam, ``output_attentions`` or dropout may be active (``ValueError`` otherwise).
 
     Returns:
         ``(o, weights)``: o ``[B, Hq, Sq, D]`` (a view of a ``[B, Sq, Hq, D]`` buffer), weights the
@@ -137,6 +141,16 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
               dropout=dropout)
     sk = k.shape[-2]
     kpm = None
+    if kv_lens is not None:
+        if scores_hook is not None or pattern_hooks or want_weights or dropout > 0:
+            raise ValueError("kv_lens (device key lengths of a preallocated decode cache) cannot be combined "
+                             "with attention hooks, output_attentions or dropout")
+        if mask is not None and (mask.dim() != 2 or mask.shape[-1] != sk):
+            raise ValueError(f"with kv_lens the mask must be None or a [B, {sk}] key padding mask, got "
+                             f"{tuple(mask.shape)}")
+        kpm = None if mask is None else mask.to(device=q.device, dtype=torch.bool)
+        return ops.attention(q, k, v, scale=scale, window=window, softcap=softcap, causal=causal,
+                             key_padding_mask=kpm, backend=backend, kv_lens=kv_lens), None
     if mask is None:
         n = valid_len_fn() if (valid_len_fn is not None and sk > q.shape[-2]) else None
         if n is not None and n < sk:
@@ -293,8 +307,10 @@ class FastAttentionMixin:
             want = kwargs.get("output_attentions")
             if want is None:
                 want = getattr(self.config, "output_attentions", False)
-        valid_len_fn = None
-        if past_key_values is not None:
+        valid_len_fn = kv_lens = None
+        if getattr(past_key_values, "is_gemma4_fast_decode_cache", False):
+            attention_mask, kv_lens = past_key_values.attention_inputs(query_states.shape[-2])
+        elif past_key_values is not None:
             def valid_len_fn():
                 return _static_total(past_key_values, cache_layer)
 
@@ -304,7 +320,7 @@ class FastAttentionMixin:
             softcap=getattr(self.config, "attn_logit_softcapping", None), causal=self.is_causal,
             backend=self._g4f_backend, scores_hook=scores_hook, pattern_hooks=pattern_hooks,
             want_weights=bool(want), dropout=float(self.attention_dropout or 0.0) if self.training else 0.0,
-            valid_len_fn=valid_len_fn,
+            valid_len_fn=valid_len_fn, kv_lens=kv_lens,
         )
         attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)

@@ -31,6 +31,8 @@ logger = logging.getLogger("gemma4_fast")
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def check_backend(backend: str) -> str:
     """Return ``backend`` if it is one of ``BACKENDS``; raise ``ValueError`` naming the argument otherwise."""
     if backend not in BACKENDS:
@@ -138,12 +140,15 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: Optional[int],
               softcap: Optional[float], causal: bool = True, key_padding_mask: Optional[torch.Tensor] = None,
-              return_lse: bool = False, backend: str = "auto"):
-    """``attention`` / ``attention_naive``: q ``[B,Hq,Sq,D]``, k/v ``[B,Hkv,Sk,D]``, queries at the end."""
+              return_lse: bool = False, backend: str = "auto", kv_lens: Optional[torch.Tensor] = None):
+    """``attention`` / ``attention_naive``: q ``[B,Hq,Sq,D]``, k/v ``[B,Hkv,Sk,D]``, queries at the end
+    (of the first ``kv_lens[b]`` keys when given: ``[B]`` int32, decode on a preallocated cache)."""
     b = resolve(backend, "attention", q, k, v, differentiable=not return_lse)
-    return _run("attention", "attention", b, (q, k, v),
-                dict(scale=scale, window=window, softcap=softcap, causal=causal, key_padding_mask=key_padding_mask,
-                     return_lse=return_lse))
+    kw = dict(scale=scale, window=window, softcap=softcap, causal=causal, key_padding_mask=key_padding_mask,
+              return_lse=return_lse)
+    if kv_lens is not None:
+        kw["kv_lens"] = kv_lens
+    return _run("attention", "attention", b, (q, k, v), kw)
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, *, scale: float, window: Optional[int],

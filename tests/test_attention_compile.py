@@ -38,6 +38,8 @@ def _signature(kernel, dt: str, constexprs: dict) -> dict[str, str]:
             sig[name] = "*fp32"
         elif name == "KPM":
             sig[name] = "*u8"
+        elif name == "KVLEN":
+            sig[name] = "*i32"
         elif name in ("qk_scale", "cap_scale"):
             sig[name] = "fp32"
         else:
@@ -81,7 +83,8 @@ def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) 
                   BLOCK_N=cfg["BLOCK_N"], WRITE_O=True, WRITE_LSE=True, **_flags(dt))
         kernel = fwd.attention_fwd_kernel
     elif kind == "split":
-        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_R=fwd.split_rows(8, 1), BLOCK_N=cfg["BLOCK_N"], **_flags(dt))
+        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_R=fwd.split_rows(8, 1), BLOCK_N=cfg["BLOCK_N"],
+                  HAS_KVLEN=True, **_flags(dt))
         kernel = fwd.attention_split_fwd_kernel
     else:
         ce = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

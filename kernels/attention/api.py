@@ -119,7 +119,8 @@ def use_split_path(groups: int, sq: int, head_dim: int) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
               window: Optional[int] = None, softcap: Optional[float] = None, causal: bool = True,
-              key_padding_mask: Optional[torch.Tensor] = None, return_lse: bool = False):
+              key_padding_mask: Optional[torch.Tensor] = None, return_lse: bool = False,
+              kv_lens: Optional[torch.Tensor] = None):
     """Fused attention for Gemma 4 (sliding window, softcap, GQA, head_dim <= 512) through Triton.
 
     Layout: HF hands q/k/v as ``.transpose(1, 2)`` views of ``[B, S, H, D]`` projections; any strides
@@ -142,6 +143,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
         key_padding_mask: ``[B, Sk]`` bool (True = real key), e.g. left padding from a 2-D attention
             mask; padded keys are never attended and a query row with no visible key returns zeros.
         return_lse: also return the log-sum-exp.
+        kv_lens: ``[B]`` int32 on q's device, or None: the number of valid keys of each batch row in a
+            preallocated buffer (``1 <= kv_lens[b] <= Sk``, filled from key 0); query ``i`` then has
+            position ``kv_lens[b] - Sq + i`` and later keys are ignored. Read on the device (no host
+            sync, so a CUDA graph can replay the call as the lengths grow). Only for the decode path
+            (``Sq <= 16`` with few query rows per KV head); raises ``ValueError`` otherwise.
 
     Returns:
         ``o``: ``[B, Hq, Sq, D]`` in q's dtype, a view of a ``[B, Sq, Hq, D]``-contiguous buffer (so
@@ -156,22 +162,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     shapes, dtypes, head_dim > 512, window < 1 or softcap <= 0.
     """
     q, k, v, scale, window, softcap, kpm = _validate(q, k, v, scale, window, softcap, key_padding_mask)
+    kv_lens = _validate_kv_lens(kv_lens, q, k)
     if not _fast_ok("attention", q, k, v):
         return attention_naive(q, k, v, scale=scale, window=window, softcap=softcap, causal=causal,
-                               key_padding_mask=kpm, return_lse=return_lse)
+                               key_padding_mask=kpm, return_lse=return_lse, kv_lens=kv_lens)
     q, k, v = _unit_last("q", q), _unit_last("k", k), _unit_last("v", v)
     B, Hq, Sq, D = q.shape
     o_buf = _new_empty((B, Sq, Hq, D), q.dtype, q.device)
     o = o_buf.permute(0, 2, 1, 3)
     lse = _new_empty((B, Hq, Sq), torch.float32, q.device) if return_lse else None
     if o.numel() > 0:
-        _launch(q, k, v, o, lse, _kpm_u8(kpm), scale, window, softcap, causal)
+        _launch(q, k, v, o, lse, _kpm_u8(kpm), scale, window, softcap, causal, kv_lens=kv_lens)
     elif lse is not None and lse.numel() > 0:
         lse.fill_(float("-inf"))
     return (o, lse) if return_lse else o
 
 
-def _launch(q, k, v, o, lse, kpm, scale, window, softcap, causal, write_o: bool = True) -> None:
+def _validate_kv_lens(kv_lens, q, k):
+    if kv_lens is None:
+        return None
+    B, Hq, Sq, D = q.shape
+    if not isinstance(kv_lens, torch.Tensor) or kv_lens.shape != (B,):
+        raise ValueError(f"kv_lens must be a [B={B}] tensor, got "
+                         f"{tuple(kv_lens.shape) if isinstance(kv_lens, torch.Tensor) else type(kv_lens)}")
+    if kv_lens.dtype != torch.int32 or kv_lens.device != q.device:
+        raise ValueError(f"kv_lens must be int32 on {q.device}, got {kv_lens.dtype} on {kv_lens.device}")
+    if not use_split_path(Hq // k.shape[1], Sq, D):
+        raise ValueError(f"kv_lens is only supported on the decode path (Sq <= 16 with few query rows per KV "
+                         f"head); got Sq={Sq}, {Hq // k.shape[1]} query heads per KV head, head_dim {D}")
+    return kv_lens.contiguous()
+
+
+def _launch(q, k, v, o, lse, kpm, scale, window, softcap, causal, write_o: bool = True, kv_lens=None) -> None:
     from .fwd import attention_fwd, attention_split_fwd
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -180,7 +202,8 @@ def _launch(q, k, v, o, lse, kpm, scale, window, softcap, causal, write_o: bool 
         if write_o and use_split_path(Hq // Hkv, Sq, D):
             cfg = _configs.select_config("split", D, q.dtype, mode, Sk, q.device)
             attention_split_fwd(q, k, v, o, lse, kpm, scale=scale, window=window, softcap=softcap,
-                                causal=causal, config=cfg, sm_count=_sm_count(q.device), new_empty=_new_empty)
+                                causal=causal, config=cfg, sm_count=_sm_count(q.device), new_empty=_new_empty,
+                                kv_lens=kv_lens)
         else:
             cfg = _configs.select_config("fwd", D, q.dtype, mode, Sk, q.device)
             attention_fwd(q, k, v, o if write_o else None, lse, kpm, scale=scale, window=window,

@@ -216,14 +216,14 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
 
 @triton.jit(do_not_specialize=["H_KV", "GROUPS", "SQ", "SK", "WL", "WR", "key_lo", "key_hi", "keys_per_split",
                               "NUM_SPLITS"])
-def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM,
+def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM, KVLEN,
                                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                                stride_vb, stride_vh, stride_vn, stride_kpmb,
                                H_KV, GROUPS, SQ, SK, WL, WR, qk_scale, cap_scale, key_lo, key_hi,
                                keys_per_split, NUM_SPLITS,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-                               KV_SAME: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                               HAS_KVLEN: tl.constexpr, KV_SAME: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                WHILE_LOOP: tl.constexpr):
     """Partial attention of all ``GROUPS * Sq`` query rows of one (batch, KV head) over one key chunk.
 
@@ -231,7 +231,9 @@ def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM,
     ``r % Sq`` (GQA heads packed into the rows, so K/V are read once per KV head). Writes the
     unnormalised fp32 accumulator ``OP [B*Hkv, NUM_SPLITS, BLOCK_R, BLOCK_D]`` and the base-2 running
     max / sum ``MP, LP [B*Hkv, NUM_SPLITS, BLOCK_R]`` of its valid rows (every split writes, even an
-    empty one: ``m = -inf, l = 0, o = 0``).
+    empty one: ``m = -inf, l = 0, o = 0``). With ``HAS_KVLEN`` the number of valid keys of batch row b
+    is read from ``KVLEN[b]`` (int32, on the device: CUDA-graph friendly) instead of ``SK``; the queries
+    then sit at the end of those keys and the launcher passes the whole buffer as the key range.
     """
     pid_s = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -252,15 +254,22 @@ def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM,
     k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
     kpm_base = KPM + off_b64 * stride_kpmb
-    pos = qi + (SK - SQ)
+    if HAS_KVLEN:
+        sk = tl.load(KVLEN + off_b)
+    else:
+        sk = SK
+    pos = qi + (sk - SQ)
 
     start = key_lo + pid_s * keys_per_split
     end = tl.minimum(start + keys_per_split, key_hi)
+    if HAS_KVLEN:
+        end = tl.minimum(end, sk)
+        start = tl.maximum(start, (tl.maximum(sk - SQ - WL, 0) // BLOCK_N) * BLOCK_N)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
-                               start, end, SK, WL, WR, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM, BLOCK_D,
+                               start, end, sk, WL, WR, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM, BLOCK_D,
                                BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, True, DOT_PRECISION,
                                WHILE_LOOP)
     part = (pid_bk * NUM_SPLITS + pid_s).to(tl.int64) * BLOCK_R
@@ -386,10 +395,11 @@ def num_splits(n_keys: int, block_n: int, bh_kv: int, sm_count: int, max_splits:
 
 
 def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal: bool,
-                        config: dict, sm_count: int, new_empty) -> None:
+                        config: dict, sm_count: int, new_empty, kv_lens=None) -> None:
     """Launch the split-key kernel and the combine kernel (decode / short query blocks).
 
-    ``new_empty(shape, dtype, device)`` allocates the fp32 partial buffers.
+    ``new_empty(shape, dtype, device)`` allocates the fp32 partial buffers. ``kv_lens`` (``[B]`` int32 or
+    None): valid keys per batch row, read on the device; the split plan then covers the whole buffer.
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -400,21 +410,25 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
     bd = max(16, triton.next_power_of_2(D))
     br = split_rows(groups, Sq)
     bn = config["BLOCK_N"]
-    key_lo = max(0, Sk - Sq - wl) // bn * bn
-    key_hi = min(Sk, Sk - 1 + wr + 1)
+    if kv_lens is None:
+        key_lo = max(0, Sk - Sq - wl) // bn * bn
+        key_hi = min(Sk, Sk - 1 + wr + 1)
+    else:
+        key_lo, key_hi = 0, Sk
     ns, per = num_splits(key_hi - key_lo, bn, B * Hkv, sm_count, min_blocks=config.get("MIN_BLOCKS", 4))
     op = new_empty((B * Hkv, ns, br, bd), torch.float32, q.device)
     mp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
     lp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
     kv_same = _same_tensor(k, v)
     attention_split_fwd_kernel[(ns, B * Hkv)](
-        q, k, v, op, mp, lp, kpm_t,
+        q, k, v, op, mp, lp, kpm_t, kv_lens if kv_lens is not None else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), kpm_stride,
         Hkv, groups, Sq, Sk, wl, wr, qk_scale, cap_scale, key_lo, key_hi, per, ns,
         HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=br, BLOCK_N=bn, HAS_SOFTCAP=softcap is not None,
-        HAS_KPM=kpm is not None, KV_SAME=kv_same, DOT_PRECISION=dot_precision(q.dtype),
-        WHILE_LOOP=interpret_mode(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+        HAS_KPM=kpm is not None, HAS_KVLEN=kv_lens is not None, KV_SAME=kv_same,
+        DOT_PRECISION=dot_precision(q.dtype), WHILE_LOOP=interpret_mode(), num_warps=config["num_warps"],
+        num_stages=config["num_stages"])
     lse_t = lse if lse is not None else mp
     chunk = max(1, min(16, 4096 // bd))
     attention_combine_kernel[(B * Hkv * groups * Sq,)](

@@ -38,26 +38,33 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def visible_mask(sq: int, sk: int, *, window: Optional[int] = None, causal: bool = True,
-                 key_padding_mask: Optional[torch.Tensor] = None,
+                 key_padding_mask: Optional[torch.Tensor] = None, kv_lens: Optional[torch.Tensor] = None,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean visibility ``[B or 1, 1, Sq, Sk]``: True where query ``i`` may attend key ``j``.
 
-    Query ``i`` has position ``Sk - Sq + i`` (queries at the end of the keys).
+    Query ``i`` has position ``Sk - Sq + i`` (queries at the end of the keys); with ``kv_lens`` ``[B]``
+    (valid keys per batch row) position ``kv_lens[b] - Sq + i``, and keys ``j >= kv_lens[b]`` are hidden.
     """
     if key_padding_mask is not None:
         device = key_padding_mask.device
-    pos = torch.arange(sq, device=device) + (sk - sq)
-    j = torch.arange(sk, device=device)
-    diff = pos[:, None] - j[None, :]
+    if kv_lens is not None:
+        device = kv_lens.device
+        end = kv_lens.to(torch.long)[:, None, None]
+        pos = torch.arange(sq, device=device)[None, :, None] + (end - sq)
+    else:
+        end = sk
+        pos = (torch.arange(sq, device=device) + (sk - sq))[None, :, None]
+    j = torch.arange(sk, device=device)[None, None, :]
+    diff = pos - j
     if causal:
         vis = diff >= 0
         if window is not None:
             vis = vis & (diff < window)
+    elif window is not None:
+        vis = diff.abs() < window
     else:
-        vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
-        if window is not None:
-            vis = diff.abs() < window
-    vis = vis[None, None]
+        vis = torch.ones_like(diff, dtype=torch.bool)
+    vis = (vis & (j < end))[:, None]
     if key_padding_mask is not None:
         vis = vis & key_padding_mask.to(torch.bool)[:, None, None, :]
     return vis
@@ -91,8 +98,8 @@ def _check_window(window: Optional[int]) -> None:
 
 def attention_scores_naive(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None,
                            window: Optional[int] = None, softcap: Optional[float] = None,
-                           causal: bool = True,
-                           key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           causal: bool = True, key_padding_mask: Optional[torch.Tensor] = None,
+                           kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Scores ``[B, Hq, Sq, Sk]`` in q's dtype: ``q @ k^T * scale``, softcapped, masked with ``-inf``.
 
     Arguments as :func:`attention_naive`. Computed in q's dtype like HF's eager path.
@@ -105,7 +112,7 @@ def attention_scores_naive(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[
     if softcap is not None:
         s = torch.tanh(s / float(softcap)) * float(softcap)
     vis = visible_mask(q.shape[2], k.shape[2], window=window, causal=causal,
-                       key_padding_mask=key_padding_mask, device=q.device)
+                       key_padding_mask=key_padding_mask, kv_lens=kv_lens, device=q.device)
     return s.masked_fill(~vis, float("-inf"))
 
 
@@ -139,7 +146,8 @@ def pattern_apply_naive(pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
                     window: Optional[int] = None, softcap: Optional[float] = None, causal: bool = True,
-                    key_padding_mask: Optional[torch.Tensor] = None, return_lse: bool = False):
+                    key_padding_mask: Optional[torch.Tensor] = None, return_lse: bool = False,
+                    kv_lens: Optional[torch.Tensor] = None):
     """Reference attention (HF ``eager_attention_forward`` plus masking_utils masks).
 
     Args:
@@ -151,12 +159,14 @@ def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
             symmetric band ``|pos - j| < W`` with a window).
         key_padding_mask: ``[B, Sk]`` bool, True = real key.
         return_lse: also return the fp32 natural-log sum-exp ``[B, Hq, Sq]`` (``-inf`` for empty rows).
+        kv_lens: ``[B]`` int valid keys per batch row (a preallocated cache filled from the start); the
+            queries sit at the end of those keys, later keys are hidden.
 
     Returns:
         ``o`` ``[B, Hq, Sq, D]`` (view of a ``[B, Sq, Hq, D]`` buffer), or ``(o, lse)``.
     """
     s = attention_scores_naive(q, k, scale=scale, window=window, softcap=softcap, causal=causal,
-                               key_padding_mask=key_padding_mask)
+                               key_padding_mask=key_padding_mask, kv_lens=kv_lens)
     o = pattern_apply_naive(softmax_scores(s), v).to(q.dtype)
     if not return_lse:
         return o
