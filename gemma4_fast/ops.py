@@ -109,16 +109,28 @@ def _run(pkg: str, name: str, backend: str, tensors: tuple, kwargs: dict):
     return _fn(pkg, name, backend)(*tensors, **kwargs)
 
 
+_MODULES: dict[str, Any] = {}
+
+
+def _module(path: str):
+    mod = _MODULES.get(path)
+    if mod is None:
+        mod = _MODULES[path] = importlib.import_module(path)
+    return mod
+
+
 def _pkg(name: str):
-    return importlib.import_module(f"gemma4_fast.kernels.{name}")
+    return _module(f"gemma4_fast.kernels.{name}")
 
 
 def _fn(pkg: str, name: str, backend: str):
+    """The op function (Triton wrapper, or the naive twin for ``"torch"``), read from its package at call
+    time (the packages are imported once)."""
     mod = _pkg(pkg)
     if backend == "torch":
         naive = getattr(mod, f"{name}_naive", None)
         if naive is None:
-            naive = getattr(importlib.import_module(f"gemma4_fast.kernels.{pkg}.naive"), name)
+            naive = getattr(_module(f"gemma4_fast.kernels.{pkg}.naive"), name)
         return naive
     return getattr(mod, name)
 

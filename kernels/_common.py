@@ -4,11 +4,11 @@ Policy lives in the public wrappers (``<op>(...)``), never in the Triton kernels
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -28,8 +28,9 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """True when the ``triton`` package imports."""
+    """True when the ``triton`` package imports (checked once per process)."""
     try:
         import triton  # noqa: F401
     except Exception:
@@ -53,14 +54,27 @@ def needs_grad(*tensors: Any) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-@contextlib.contextmanager
-def device_of(t: torch.Tensor) -> Iterator[None]:
-    """Make ``t``'s CUDA device current for the launch (multi-GPU safety); no-op on the CPU."""
-    if t.is_cuda:
-        with torch.cuda.device(t.device):
-            yield
-    else:
-        yield
+class device_of:
+    """Context manager making ``t``'s CUDA device current for a launch (multi-GPU safety).
+
+    A no-op on the CPU and when that device is already current (the common single-GPU case, kept cheap
+    because every launch goes through it).
+    """
+
+    __slots__ = ("_guard",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._guard = None
+        if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+            self._guard = torch.cuda.device(t.device.index)
+
+    def __enter__(self) -> None:
+        if self._guard is not None:
+            self._guard.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._guard is not None:
+            self._guard.__exit__(*exc)
 
 
 def pinned_config(env_var: str) -> dict[str, int] | None:
