@@ -29,22 +29,31 @@ def gpu_slug() -> str:
 
 
 def versions() -> dict[str, str]:
+    from importlib import metadata
+
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "transformers", "transformer_lens"):
+    for mod, dist in (("triton", "triton"), ("transformers", "transformers"), ("transformer_lens", "transformer-lens")):
         try:
-            out[mod] = __import__(mod).__version__
+            out[mod] = metadata.version(dist)
         except Exception:
-            out[mod] = "missing"
+            try:
+                out[mod] = __import__(mod).__version__
+            except Exception:
+                out[mod] = "missing"
     out["cuda"] = str(torch.version.cuda)
     return out
 
 
 def git_commit() -> str:
+    """``$GEMMA4_FAST_COMMIT`` when set (a copied tree whose git metadata may be stale), else ``git``'s HEAD."""
+    pinned = os.environ.get("GEMMA4_FAST_COMMIT", "").strip()
+    if pinned:
+        return pinned
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=Path(__file__).resolve().parent, stderr=subprocess.DEVNULL).strip()
     except Exception:
-        return os.environ.get("GEMMA4_FAST_COMMIT", "unknown")
+        return "unknown"
 
 
 def cuda_time_ms(fn: Callable[[], Any], *, warmup: int = 5, rep: int = 30,

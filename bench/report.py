@@ -46,7 +46,10 @@ WORKLOADS = {
     "bridge_hooks_patch": "run_with_hooks (pattern patch)",
     "bridge_generate": "generate (prompt+32, 1 hook)",
     "hf_generate": "HF generate (prompt+32)",
+    "hf_generate_graph": "gemma4_fast.generate, CUDA-graph decode (prompt+32)",
 }
+# impl -> the workload its rows are shown as (beside the same baseline rows), with impl "fast"
+VARIANTS = {"graph": "_graph"}
 # our workload -> (anchor 'what', constraints on the anchor row), first match wins
 ANCHOR_WHAT: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "hf_forward": [("hf_forward", {"impl": "sdpa"}), ("hf_forward_experts", {"impl": "grouped_mm"})],
@@ -226,6 +229,12 @@ def model_groups(rows: list[dict]) -> list[tuple[tuple[str, str, Any], dict[str,
         if "what" not in r or "impl" not in r:
             continue
         groups.setdefault((r.get("model"), r["what"], r.get("S")), {})[r["impl"]] = r
+    for (model, what, S), impls in list(groups.items()):
+        for impl, suffix in VARIANTS.items():
+            if impl in impls:
+                variant = {i: r for i, r in impls.items() if i in BASELINES}
+                variant[FAST] = impls.pop(impl)
+                groups[(model, what + suffix, S)] = variant
     return list(groups.items())
 
 

@@ -51,7 +51,7 @@ args=(-q --benchmark-only --benchmark-json="$GEMMA4_FAST_RESULTS/pytest-benchmar
 [ ${#suites[@]} -eq 0 ] && suites=(bench/)
 
 {
-  echo "== gemma4-fast bench: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "== gemma4-fast bench: $(date -u +%FT%TZ), commit ${GEMMA4_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   echo "== quick=$quick suites=${suites[*]} results=$GEMMA4_FAST_RESULTS"
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
