@@ -16,6 +16,7 @@ has it), or any module tree holding them (e.g. a TransformerBridge). Modules are
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -267,6 +268,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
         if cls not in fast_set:
             module.__dict__[_ORIG] = cls
             module.__class__ = fast_cls
+            _rebind_accelerate_forward(module)
         module.__dict__[_BACKEND] = chosen
         entry.fast, entry.backend, entry.reason = True, chosen, note
         if kind == "attention":
@@ -275,6 +277,17 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
         _set_attn_implementation(attention_modules)
         report.attn_implementation = NAME
     return report
+
+
+def _rebind_accelerate_forward(module: nn.Module) -> None:
+    """Point an accelerate hook (``device_map`` dispatch) at the module's current class forward.
+
+    accelerate's ``add_hook_to_module`` keeps the forward bound at dispatch time in ``_old_forward`` and
+    calls it from the hooked ``forward``; after a class swap that would still run the old class's forward.
+    """
+    old = module.__dict__.get("_old_forward")
+    if old is not None and getattr(old, "__self__", None) is module:
+        module.__dict__["_old_forward"] = types.MethodType(type(module).forward, module)
 
 
 def _set_attn_implementation(attention_modules: list[nn.Module]) -> None:
@@ -300,6 +313,7 @@ def unpatch_model(model: nn.Module) -> int:
         orig = module.__dict__.pop(_ORIG, None)
         if orig is not None:
             module.__class__ = orig
+            _rebind_accelerate_forward(module)
             restored += 1
         module.__dict__.pop(_BACKEND, None)
         module.__dict__.pop("_g4f_hooks", None)

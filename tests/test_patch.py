@@ -294,6 +294,36 @@ def test_experts_function_falls_back_for_other_layouts(models, caplog, monkeypat
     assert "activation 'silu'" in caplog.text
 
 
+def test_accelerate_dispatched_modules_run_the_fast_forward(models, monkeypatch):
+    """``device_map`` models carry accelerate hooks that call the forward bound at dispatch time; the patch
+    must re-point them, or the HF forward keeps running under a class that claims to be fast."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    from gemma4_fast import ops
+
+    ref = models["tiny-moe"]
+    model = copy.deepcopy(ref)
+    for m in model.modules():
+        if type(m).__name__ in ("Gemma4TextExperts", "Gemma4TextAttention", "Gemma4RMSNorm"):
+            add_hook_to_module(m, ModelHook())
+    calls = []
+    for name in ("moe_experts", "attention", "rms_norm"):
+        monkeypatch.setattr(ops, name, lambda *a, _o=getattr(ops, name), _n=name, **k: (calls.append(_n),
+                                                                                         _o(*a, **k))[1])
+    ids = torch.randint(3, 300, (2, 11))
+    with torch.no_grad():
+        want = ref(ids).logits
+        patch_model(model, backend="torch")
+        got = model(ids).logits
+        assert {"moe_experts", "attention", "rms_norm"} <= set(calls)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        unpatch_model(model)
+        calls.clear()
+        again = model(ids).logits
+    assert calls == []
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
 def test_unknown_backend_raises(models):
     with pytest.raises(ValueError, match="backend"):
         patch_model(copy.deepcopy(models["tiny-moe"]), backend="cuda")
