@@ -1,11 +1,12 @@
 """Profile one model forward on the GPU: where host and device time go, and any host syncs.
 
-    python bench/profile_forward.py --preset E2B --seq 1024 [--fast] [--mode hf|bridge|decode]
+    python bench/profile_forward.py --preset E2B --seq 1024 [--fast] [--mode hf|bridge|cache_resid|decode]
                                     [--sync-trace] [--cprofile N] [--rows 25]
 
 ``--mode hf`` times ``model(ids, use_cache=False, logits_to_keep=1)``; ``bridge`` the TransformerBridge
-forward (seed, or with ``enable_fast_kernels`` when ``--fast``); ``decode`` one greedy decode step with a
-dynamic cache after a prompt of ``--seq`` tokens. Prints the wall time per call, the GPU time of one call
+forward (seed, or with ``enable_fast_kernels`` when ``--fast``); ``cache_resid`` the bridge's ``run_with_cache``
+of every ``hook_resid_post``; ``decode`` one greedy decode step with a dynamic cache after a prompt of ``--seq``
+tokens. Prints the wall time per call, the GPU time of one call
 (profiler), the number of device-to-host syncs, the top ops by self CPU and self CUDA time; ``--sync-trace``
 adds where each distinct sync comes from (``torch.cuda.set_sync_debug_mode``) and ``--cprofile N`` the N
 Python functions with the most cumulative host time. Every fallback line the fast path logs is printed too.
@@ -78,6 +79,8 @@ def _build_call(args, model, tok, s: int) -> Callable[[], Any]:
         prefill()
         return step
     bridge = _bridge(args, model, tok)
+    if args.mode == "cache_resid":
+        return lambda: bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))
     return lambda: bridge(ids, return_type="logits")
 
 
@@ -103,7 +106,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--fast", action="store_true")
-    ap.add_argument("--mode", choices=("hf", "bridge", "decode"), default="hf")
+    ap.add_argument("--mode", choices=("hf", "bridge", "cache_resid", "decode"), default="hf")
     ap.add_argument("--sync-trace", action="store_true")
     ap.add_argument("--cprofile", type=int, default=0)
     ap.add_argument("--rows", type=int, default=25)
@@ -112,11 +115,12 @@ def main() -> None:
     import gemma4_fast
     from gemma4_fast.models import build_model, offline_tokenizer
 
-    attn = "eager" if args.mode == "bridge" else args.attn
+    on_bridge = args.mode in ("bridge", "cache_resid")
+    attn = "eager" if on_bridge else args.attn
     model = build_model(args.preset, torch.bfloat16, "cuda", attn_implementation=attn,
                         experts_implementation="grouped_mm", num_hidden_layers=args.layers)
-    tok = offline_tokenizer() if args.mode == "bridge" else None
-    if args.fast and args.mode != "bridge":
+    tok = offline_tokenizer() if on_bridge else None
+    if args.fast and not on_bridge:
         print(gemma4_fast.patch_model(model, backend="triton").counts())
     for s in args.seq:
         call = _build_call(args, model, tok, s)
@@ -124,12 +128,14 @@ def main() -> None:
             for _ in range(3):
                 call()
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
             n = 10 if args.mode == "decode" else 5
+            each = []
             for _ in range(n):
+                t0 = time.perf_counter()
                 call()
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) / n * 1e3
+                torch.cuda.synchronize()
+                each.append((time.perf_counter() - t0) * 1e3)
+            wall = sorted(each)[n // 2]
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 call()
@@ -138,7 +144,8 @@ def main() -> None:
             gpu_ms = sum(e.self_device_time_total for e in ka) / 1e3
             syncs = sum(e.count for e in ka if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")
                         or "DtoH" in e.key or e.key == "aten::_local_scalar_dense")
-            print(f"== {args.preset} mode={args.mode} S={s} fast={args.fast}: {wall:.2f} ms/call wall, "
+            print(f"== {args.preset} mode={args.mode} S={s} fast={args.fast}: {wall:.2f} ms/call wall (median; calls "
+                  f"{', '.join(f'{t:.1f}' for t in each)}), "
                   f"{gpu_ms:.2f} ms GPU (profiled call), host syncs {syncs}")
             print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
             print(ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))

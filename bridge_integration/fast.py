@@ -292,6 +292,9 @@ def enable_fast_kernels(bridge: Any, mode: bool | str = True, *, backend: str = 
 
     report.patch = patch_model(model, backend=report.backend)
     report.hooks_added, undo = _connect_hooks(bridge)
+    from .generate import install_generate
+
+    undo.append(install_generate(bridge))
     _rescan_hooks(bridge)
     _set_state(bridge, report, undo)
     return report

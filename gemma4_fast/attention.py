@@ -309,7 +309,11 @@ class FastAttentionMixin:
                 want = getattr(self.config, "output_attentions", False)
         valid_len_fn = kv_lens = None
         if getattr(past_key_values, "is_gemma4_fast_decode_cache", False):
-            attention_mask, kv_lens = past_key_values.attention_inputs(query_states.shape[-2])
+            attention_mask, kv_lens, start = past_key_values.attention_inputs(
+                query_states.shape[-2], hooked=bool(scores_hook is not None or pattern_hooks or want),
+                window=self.sliding_window)
+            if start:
+                key_states, value_states = key_states[:, :, start:], value_states[:, :, start:]
         elif past_key_values is not None:
             def valid_len_fn():
                 return _static_total(past_key_values, cache_layer)

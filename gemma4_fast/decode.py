@@ -17,13 +17,19 @@ What makes the step replayable:
 - the next token (argmax, or Gumbel-max sampling after temperature / top-k / top-p) is picked on the device
   and the step advances the slot, the lengths, the positions and the output column in place.
 
+Hooks. Hooks must see every step, so a decoder layer holding a hook (a forward hook or pre-hook on any of its
+modules, e.g. a TransformerBridge HookPoint, or an active ``gemma4_fast`` seam) runs eagerly. When hooks are
+attached, the step runs in layer mode: the embedding, the final norm, the LM head and every hooked layer run
+eagerly (their hooks fire as in a plain forward) and each unhooked decoder layer replays its own CUDA graph.
+A graphed layer's output handed to an eager consumer is a fresh copy, never the graph's buffer.
+
 Scope and limits: ``Gemma4ForCausalLM``, ``Gemma4ForConditionalGeneration`` (text only) and the unified class,
-patched with ``patch_model`` on every attention layer (else ``ValueError``). Without CUDA, or when a hook is
-attached to any module of the model (forward hooks, pre-hooks or an active ``gemma4_fast`` seam), or with
-``cuda_graph=False``, the same step runs eagerly (logged with the reason): hooks must see every step. Greedy
-output equals HF ``generate`` (same logits, same argmax); sampling draws from the same distribution as HF's
-temperature / top-k / top-p warpers but with its own random numbers. The cache holds ``L`` (prompt plus new
-tokens, rounded up to ``LENGTH_BUCKET``) positions for every cache layer, sliding ones included.
+patched with ``patch_model`` on every attention layer (else ``ValueError``), all on one CUDA device for the
+graphs. Without CUDA, with the model on several devices, or with ``cuda_graph=False`` every step runs eagerly
+(logged with the reason). Greedy output equals HF ``generate`` (same logits, same argmax); sampling draws from
+the same distribution as HF's temperature / top-k / top-p warpers but with its own random numbers. The cache
+holds ``L`` (prompt plus new tokens, rounded up to ``LENGTH_BUCKET``) positions for every cache layer, sliding
+ones included.
 """
 from __future__ import annotations
 
@@ -51,7 +57,9 @@ class DecodeCache:
         kv_lens: ``[B]`` int32 device tensor, valid keys per row (during a step: the slot plus one).
         slot: ``[1]`` int64 device tensor, the position the next ``update`` writes.
         key_padding: ``[B, L]`` bool, False at left padding.
-        host_len: the filled length as a Python int while it is known on the host (prefill), else None.
+        host_len: the filled length as a Python int during the prefill, else None (decode steps).
+        known_len: the valid length as a Python int during decode steps that run Python every step (eager and
+            per-layer graph modes), for attention with hooks; None while a whole-step graph replays.
 
     ``update(k, v, layer_idx)`` writes ``k``/``v`` (``[B, Hkv, n, D]``) at ``[host_len, host_len + n)`` on the
     host path or at ``slot`` (n = 1) on the device path, and returns the whole buffers.
@@ -68,6 +76,7 @@ class DecodeCache:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.key_padding = torch.ones(batch, self.length, dtype=torch.bool, device=device)
         self.host_len: Optional[int] = 0
+        self.known_len: Optional[int] = None
         self.pending = 0
 
     def reset(self, key_padding: torch.Tensor) -> None:
@@ -104,15 +113,24 @@ class DecodeCache:
             vbuf.index_copy_(2, self.slot, value_states)
         return kbuf, vbuf
 
-    def attention_inputs(self, n_queries: int):
-        """``(mask, kv_lens)`` for the attention of the current forward (see ``attention_core``).
+    def attention_inputs(self, n_queries: int, hooked: bool = False, window: Optional[int] = None):
+        """``(mask, kv_lens, start)`` for the attention of the current forward (see ``attention_core``): the
+        keys to attend are ``[start, mask.shape[-1])`` of the buffers.
 
         On the host path the keys end after the tokens the cache layers wrote in this forward (KV-shared
-        layers may see fewer queries: HF slices them to ``logits_to_keep``).
+        layers may see fewer queries: HF slices them to ``logits_to_keep``). A hooked attention (scores /
+        pattern seams, ``output_attentions``) in a decode step gets the keys HF's dynamic cache would return,
+        so its hooks see HF's shapes: all ``known_len`` keys, or on a sliding layer the last ``window - 1``
+        cached ones plus the new ones.
         """
         if self.host_len is not None:
-            return self.key_padding[:, : self.host_len + max(self.pending, n_queries)], None
-        return self.key_padding, self.kv_lens
+            return self.key_padding[:, : self.host_len + max(self.pending, n_queries)], None, 0
+        if hooked:
+            if self.known_len is None:
+                raise RuntimeError("attention hooks in a decode step whose length lives only on the device")
+            start = 0 if window is None else max(0, self.known_len - n_queries - (int(window) - 1))
+            return self.key_padding[:, start: self.known_len], None, start
+        return self.key_padding, self.kv_lens, 0
 
     def advance_host(self, n: int) -> None:
         """After a host-path forward of ``n`` tokens: move the device counters to match."""
@@ -124,6 +142,8 @@ class DecodeCache:
     def begin_step(self) -> None:
         """Before a device-path forward of one token (graph-safe): its key becomes valid."""
         self.kv_lens.add_(1)
+        if self.known_len is not None:
+            self.known_len += 1
 
     def end_step(self) -> None:
         """After a device-path forward of one token (graph-safe): the next write slot."""
@@ -176,10 +196,28 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return (scores - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
+_INFRASTRUCTURE = ("transformer_lens.model_bridge.", "gemma4_fast.")
+
+
+def _user_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` carries a hook that must see every step.
+
+    Every hook on a TransformerLens ``HookPoint`` counts. On other modules, the bridge's own wiring hooks
+    (TransformerLens's block capture hooks, which only store Python references or forward to HookPoints that
+    are checked themselves) and this package's shape recorders do not.
+    """
+    hooks = list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
+    if not hooks:
+        return False
+    if type(m).__name__ == "HookPoint":
+        return True
+    return any(not (getattr(fn, "__module__", None) or "").startswith(_INFRASTRUCTURE) for fn in hooks)
+
+
 def _hooked_modules(model: nn.Module) -> list[str]:
     names = []
     for name, m in model.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if _user_hooks(m):
             names.append(name or type(m).__name__)
         elif any(hook_active(fn) for fn in (m.__dict__.get(ATTR) or {}).values()):
             names.append(name)
@@ -191,6 +229,113 @@ def _hooked_modules(model: nn.Module) -> list[str]:
 def _text_config(model: nn.Module):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _text_layers(model: nn.Module) -> Sequence[nn.Module]:
+    from .patch import _text_roots
+
+    roots = _text_roots(model)
+    if len(roots) != 1:
+        raise ValueError(f"expected one Gemma 4 text model in {type(model).__name__}, found {len(roots)}")
+    return list(roots[0][1].layers)
+
+
+def _layer_attention(layer: nn.Module) -> Optional[nn.Module]:
+    return next((m for m in layer.modules() if isinstance(m, FastAttentionMixin)), None)
+
+
+class _Emulated:
+    """Stand-in for ``torch.cuda.CUDAGraph`` (see ``_LayerGraph.emulate``): replay re-runs the recorded call and
+    copies its result into the outputs of the first run."""
+
+    def __init__(self, run) -> None:
+        self.run, self.out, self.fresh = run, None, True
+
+    def replay(self) -> None:
+        if self.fresh:
+            self.fresh = False
+            return
+        res = self.run()
+        for dst, src in zip(_tensors(self.out), _tensors(res)):
+            dst.copy_(src)
+
+
+def _tensors(out) -> tuple:
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+class _LayerGraph:
+    """One decoder layer's decode step as a CUDA graph, installed as the layer's ``forward``.
+
+    The first call captures (then replays) the layer with its inputs copied into static buffers; later calls
+    copy the inputs that changed and replay. Position embeddings are copied once per step per layer type
+    (``shared_pe``). A layer that stores its keys/values for KV-shared layers re-publishes the cache buffers in
+    ``shared_kv_states`` after each replay (inside the graph that assignment is Python, not replayed).
+    """
+
+    #: CPU tests of the plumbing: "capture" records the call and "replay" re-runs it on the static buffers with the
+    #: capture-time Python state (as a graph would), writing into the static outputs.
+    emulate = False
+
+    def __init__(self, layer: nn.Module, cache: DecodeCache, pool, shared_pe: dict, copy_out: bool) -> None:
+        self.layer, self.cache, self.pool, self.shared_pe, self.copy_out = layer, cache, pool, shared_pe, copy_out
+        self.attn = _layer_attention(layer)
+        self.forward = layer.forward
+        self.graph = None
+
+    def install(self) -> None:
+        self.layer.__dict__["forward"] = self
+
+    def remove(self) -> None:
+        if self.layer.__dict__.get("forward") is self:
+            del self.layer.__dict__["forward"]
+
+    def _pe(self, pe):
+        kind = getattr(self.attn, "layer_type", None)
+        slot = self.shared_pe.get(kind)
+        if slot is None:
+            slot = self.shared_pe[kind] = {"src": None, "bufs": tuple(t.clone() for t in pe)}
+        if slot["src"] is not pe[0]:
+            for buf, t in zip(slot["bufs"], pe):
+                buf.copy_(t)
+            slot["src"] = pe[0]
+        return slot["bufs"]
+
+    def __call__(self, hidden_states, per_layer_input=None, *args, shared_kv_states=None, position_embeddings=None,
+                 **kwargs):
+        pe = None if position_embeddings is None else self._pe(position_embeddings)
+        if self.graph is None:
+            self.h = hidden_states.clone() if not getattr(hidden_states, "_g4f_static", False) else hidden_states
+            self.pli = None if per_layer_input is None else per_layer_input.clone()
+            if self.emulate:
+                def run():
+                    return self.forward(self.h, self.pli, *args, shared_kv_states=shared_kv_states,
+                                        position_embeddings=pe, **kwargs)
+                self.graph = _Emulated(run)
+                out = run()
+            else:
+                torch.cuda.synchronize()
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, pool=self.pool):
+                    out = self.forward(self.h, self.pli, *args, shared_kv_states=shared_kv_states,
+                                       position_embeddings=pe, **kwargs)
+            self.out = out
+            self.graph.out = out
+            if isinstance(out, torch.Tensor):
+                out._g4f_static = True
+        else:
+            if hidden_states is not self.h:
+                self.h.copy_(hidden_states)
+            if per_layer_input is not None:
+                self.pli.copy_(per_layer_input)
+        self.graph.replay()
+        attn = self.attn
+        if attn is not None and getattr(attn, "store_full_length_kv", False) and shared_kv_states is not None:
+            idx = attn.layer_idx
+            shared_kv_states[attn.layer_type] = self.cache.keys[idx], self.cache.values[idx]
+        if self.copy_out:
+            return self.out.clone() if isinstance(self.out, torch.Tensor) else tuple(t.clone() for t in self.out)
+        return self.out
 
 
 class Decoder:
@@ -207,20 +352,49 @@ class Decoder:
         self.graph_key = None
         self.state: dict[str, torch.Tensor] = {}
         self.masks = {t: None for t in set(self.text_config.layer_types)}
+        self.runners: list[_LayerGraph] = []
+        self.runners_key = None
 
-    def _why_eager(self, cuda_graph: Union[bool, str], device: torch.device) -> Optional[str]:
+    def mode(self, cuda_graph: Union[bool, str], device: torch.device) -> tuple[str, str]:
+        """``(mode, reason)``: ``"graph"`` (the whole step is one graph), ``"layers"`` (hooks are attached:
+        unhooked decoder layers are graphed, the rest runs eagerly) or ``"eager"``."""
         if cuda_graph is False:
-            return "cuda_graph=False"
-        if device.type != "cuda":
-            return f"the model is on {device.type}, CUDA graphs need CUDA"
+            return "eager", "cuda_graph=False"
+        if device.type != "cuda" and not _LayerGraph.emulate:
+            return "eager", f"the model is on {device.type}, CUDA graphs need CUDA"
+        devices = {p.device for p in self.model.parameters()}
+        if len(devices) > 1:
+            return "eager", f"the model spans {len(devices)} devices"
         hooked = _hooked_modules(self.model)
         if hooked:
-            return f"hooks are attached ({', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''})"
-        return None
+            return "layers", f"hooks are attached ({', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''})"
+        if device.type != "cuda":
+            return "layers", "emulated per-layer graphs"
+        return "graph", ""
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _install_runners(self) -> None:
+        layers = _text_layers(self.model)
+        graphed = [not _hooked_modules(layer) for layer in layers]
+        key = (id(self.cache), tuple(graphed))
+        if key != self.runners_key:
+            pool = None if _LayerGraph.emulate else torch.cuda.graph_pool_handle()
+            shared_pe: dict = {}
+            self.runners = [
+                _LayerGraph(layer, self.cache, pool, shared_pe, copy_out=not (i + 1 < len(layers) and graphed[i + 1]))
+                for i, layer in enumerate(layers) if graphed[i]]
+            self.runners_key = key
+        for r in self.runners:
+            r.install()
+
+    def _remove_runners(self) -> None:
+        for r in self.runners:
+            r.remove()
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """Last-position logits (fp32). ``all_positions`` runs every position through every layer and the LM
+        head (what hooks of a plain forward see); otherwise HF may cut KV-shared layers to the last position."""
         out = self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache, attention_mask=self.masks,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=0 if all_positions else 1)
         return out.logits[:, -1, :].float()
 
     def _emit(self, nxt: torch.Tensor, eos: Optional[torch.Tensor], pad: int) -> None:
@@ -288,39 +462,48 @@ class Decoder:
 
         self.cache.reset(am.bool())
         prompt_pos = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
-        logits = self._forward(ids, prompt_pos)
+        logits = self._forward(ids, prompt_pos, all_positions=bool(_hooked_modules(self.model)))
         self.cache.advance_host(S)
         self.cache.host_len = None
+        self.cache.known_len = S
         st["pos"].copy_(am.long().sum(-1, keepdim=True))
         self._emit(pick_tokens(logits, sampling), eos, pad_token_id)
 
-        why = self._why_eager(cuda_graph, device)
-        if why is not None and cuda_graph is True:
+        mode, why = self.mode(cuda_graph, device)
+        if mode == "eager" and cuda_graph is True:
             raise ValueError(f"cuda_graph=True but the decode step cannot be captured: {why}")
-        if why is not None:
-            logger.info("gemma4_fast.generate: decode steps run eagerly (%s)", why)
+        if mode != "graph":
+            logger.info("gemma4_fast.generate: %s decode steps (%s)", "per-layer graph" if mode == "layers"
+                        else "eager", why)
         steps = max_new_tokens - 1
         if eos is not None and bool(st["done"].all()):
             steps = 0
         done_steps = 0
         key = (sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p,
                None if eos is None else tuple(eos.tolist()), pad_token_id)
-        while done_steps < steps:
-            if why is None and self.graph is not None and self.graph_key == key:
-                self.graph.replay()
-            elif why is None and done_steps >= 1:
-                self._capture(sampling, eos, pad_token_id, key)
-                continue
-            else:
-                self._step(sampling, eos, pad_token_id)
-            done_steps += 1
-            if eos is not None and bool(st["done"].all()):
-                break
+        try:
+            while done_steps < steps:
+                if mode == "graph" and self.graph is not None and self.graph_key == key:
+                    self.cache.known_len = None
+                    self.graph.replay()
+                elif mode == "graph" and done_steps >= 1:
+                    self._capture(sampling, eos, pad_token_id, key)
+                    continue
+                else:
+                    if mode == "layers" and done_steps == 1:
+                        self._install_runners()
+                    self._step(sampling, eos, pad_token_id)
+                done_steps += 1
+                if eos is not None and bool(st["done"].all()):
+                    break
+        finally:
+            self._remove_runners()
         n_new = done_steps + 1
         return torch.cat([ids, st["out"][:, :n_new]], dim=1)
 
     def _capture(self, sampling: SamplingConfig, eos, pad: int, key) -> None:
         """Capture one decode step (after an eager one compiled and tuned every kernel it launches)."""
+        self.cache.known_len = None
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

@@ -202,12 +202,53 @@ def test_hooked_model_runs_eagerly(models):
         (o if isinstance(o, torch.Tensor) else o[0]).shape[1]))
     ids, am = _prompt()
     out = generate(fast, ids, am, max_new_tokens=5)
-    why = Decoder(fast)._why_eager("auto", torch.device("cuda"))
+    mode, why = Decoder(fast).mode("auto", torch.device("cuda"))
     handle.remove()
     assert seen == [9, 1, 1, 1, 1]
-    assert why is not None and "model.layers.1" in why
-    assert Decoder(fast)._why_eager("auto", torch.device("cuda")) is None
+    assert mode == "layers" and "model.layers.1" in why
+    assert Decoder(fast).mode("auto", torch.device("cuda")) == ("graph", "")
+    assert Decoder(fast).mode("auto", torch.device("cpu"))[0] == "eager"
     assert torch.equal(out, generate(fast, ids, am, max_new_tokens=5))
+
+
+def _recording_hooks(model, layers):
+    seen = {i: [] for i in layers}
+    handles = [model.model.layers[i].register_forward_hook(
+        lambda m, a, o, _i=i: seen[_i].append((o if isinstance(o, torch.Tensor) else o[0])[:, -1].clone()))
+        for i in layers]
+    return seen, handles
+
+
+@pytest.mark.parametrize("preset,hooked", [("tiny-ple-kv-shared", (1,)), ("tiny-ple-kv-shared", (8,)),
+                                           ("tiny-ple-kv-shared", (0, 9)), ("tiny-moe", (3,))])
+def test_layer_mode_plumbing_emulated(models, monkeypatch, preset, hooked):
+    """Layer mode (hooks attached): unhooked layers replay 'graphs' (emulated on the CPU: static buffers,
+    capture-time Python state), hooked ones run eagerly; tokens equal HF's, hooks see the eager values."""
+    from gemma4_fast import decode
+
+    ref = models[preset]
+    fast = copy.deepcopy(ref)
+    patch_model(fast, backend="torch")
+    ids, am = _prompt()
+    want = _hf_generate(ref, ids, am, 12)
+    seen_eager, handles = _recording_hooks(fast, hooked)
+    eager = generate(fast, ids, am, max_new_tokens=12, cuda_graph=False)
+    for h in handles:
+        h.remove()
+    monkeypatch.setattr(decode._LayerGraph, "emulate", True)
+    seen, handles = _recording_hooks(fast, hooked)
+    got = generate(fast, ids, am, max_new_tokens=12)
+    decoder = fast._g4f_decoder
+    assert decoder.mode("auto", torch.device("cpu"))[0] == "layers"
+    assert len(decoder.runners) == len(fast.model.layers) - len(hooked)
+    assert all("forward" not in layer.__dict__ for layer in fast.model.layers)
+    for h in handles:
+        h.remove()
+    assert torch.equal(eager, want) and torch.equal(got, want)
+    for i in hooked:
+        assert len(seen[i]) == len(seen_eager[i]) == 12
+        for a, b in zip(seen[i], seen_eager[i]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda
