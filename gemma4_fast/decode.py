@@ -196,15 +196,17 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return (scores - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
-_INFRASTRUCTURE = ("transformer_lens.model_bridge.", "gemma4_fast.")
+_INFRASTRUCTURE = ("transformer_lens.model_bridge.", "gemma4_fast.", "transformers.utils.output_capturing")
 
 
 def _user_hooks(m: nn.Module) -> bool:
     """Whether ``m`` carries a hook that must see every step.
 
-    Every hook on a TransformerLens ``HookPoint`` counts. On other modules, the bridge's own wiring hooks
-    (TransformerLens's block capture hooks, which only store Python references or forward to HookPoints that
-    are checked themselves) and this package's shape recorders do not.
+    Every hook on a TransformerLens ``HookPoint`` counts. On other modules, wiring hooks do not: the bridge's
+    own (TransformerLens's block capture hooks, which only store Python references or forward to HookPoints
+    that are checked themselves), this package's shape recorders, and transformers' output-capturing hooks
+    (left installed after an ``output_attentions`` / ``output_hidden_states`` call; they record only inside
+    such a call, which generation never makes).
     """
     hooks = list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
     if not hooks:

@@ -119,6 +119,21 @@ def test_layer_mode_through_bridge_emulated(tok, monkeypatch, hook_name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_wiring_hooks_left_by_a_full_cache_do_not_block_graphs(tok, monkeypatch):
+    """A full ``run_with_cache`` leaves transformers' output-capturing hooks on every layer; they must not count
+    as hooks that need eager layers."""
+    from gemma4_fast import decode
+
+    seed, fast = _pair("tiny-ple-kv-shared", tok)
+    with torch.no_grad():
+        fast.run_with_cache(_ids())
+    monkeypatch.setattr(decode._LayerGraph, "emulate", True)
+    want, _ = _run(seed, _ids())
+    got, _ = _run(fast, _ids())
+    assert torch.equal(got, want)
+    assert len(fast.original_model._g4f_decoder.runners) == len(fast.original_model.model.layers) - 1
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", PRESETS)
 def test_cuda_bridge_generate_with_hook_matches_seed(tok, name):
