@@ -1,10 +1,14 @@
-"""Shared pytest setup: the ``cuda`` marker skips without a GPU; tiny sizes on the CPU."""
+"""Shared pytest setup: the ``cuda`` marker skips without a GPU; tiny sizes on the CPU; ``tests/`` importable."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
+
+# Shared helpers (tests/_inputs.py) import by name under --import-mode=importlib.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Tiny CPU tensors: one intra-op thread avoids oversubscription (a tiny generate runs ~50x faster on 2 cores).
 torch.set_num_threads(1)

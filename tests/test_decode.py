@@ -18,18 +18,14 @@ from gemma4_fast.kernels.attention import api, attention
 from gemma4_fast.kernels.attention.naive import attention_naive
 from gemma4_fast.models import build_model, unified_available
 from gemma4_fast.patch import patch_model
+from _inputs import left_padded
 
 PRESETS = ["tiny-ple-kv-shared", "tiny-dense-k-eq-v", "tiny-moe"] + (["tiny-unified"] if unified_available() else [])
 SPLIT_TILE = '{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}'
 
 
 def _prompt(batch: int = 3, seq: int = 9, pads=(0, 3, 6), seed: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 300, (batch, seq), generator=g)
-    am = torch.ones_like(ids)
-    for b in range(batch):
-        am[b, : pads[b % len(pads)]] = 0
-    return ids.masked_fill(am == 0, 0), am
+    return left_padded(batch, seq, pads, seed)
 
 
 def _hf_generate(model, ids, am, new, **kw):

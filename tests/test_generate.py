@@ -14,18 +14,14 @@ import torch
 from gemma4_fast.models import build_model, unified_available
 from gemma4_fast.patch import patch_model, unpatch_model
 from gemma4_fast.registration import NAME, register
+from _inputs import left_padded
 
 PRESETS = ["tiny-ple-kv-shared", "tiny-dense-k-eq-v", "tiny-moe"] + (["tiny-unified"] if unified_available() else [])
 NEW_TOKENS = 32
 
 
 def _prompt(batch: int = 3, seq: int = 9, pads=(0, 3, 6), seed: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 300, (batch, seq), generator=g)
-    am = torch.ones_like(ids)
-    for b in range(batch):
-        am[b, : pads[b % len(pads)]] = 0
-    return ids.masked_fill(am == 0, 0), am
+    return left_padded(batch, seq, pads, seed)
 
 
 def _generate(model, ids, am, cache, **kw):

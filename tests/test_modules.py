@@ -17,6 +17,7 @@ from gemma4_fast.models import build_model
 from gemma4_fast.modules import (FastGemma4RMSNorm, FastGemma4TextAttention, FastGemma4TextExperts,
                                  FastGemma4TextRouter)
 from gemma4_fast.patch import patch_model
+from _inputs import left_padded
 
 from transformers import AttentionInterface
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, repeat_kv
@@ -29,12 +30,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _inputs(batch: int, seq: int, pads=(0, 3, 6), seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 300, (batch, seq), generator=g)
-    am = torch.ones_like(ids)
-    for b in range(batch):
-        am[b, : pads[b % len(pads)]] = 0
-    return ids.masked_fill(am == 0, 0), am
+    return left_padded(batch, seq, pads, seed)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from gemma4_fast.models import build_model, unified_available
 from gemma4_fast.modules import fast_classes
 from gemma4_fast.patch import PatchReport, is_patched, patch_model, unpatch_model
 from gemma4_fast.registration import NAME, is_registered, register
+from _inputs import left_padded
 
 RTOL = 1e-4
 
@@ -30,12 +31,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _inputs(batch: int, seq: int, pads=(0, 4, 7), seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 300, (batch, seq), generator=g)
-    am = torch.ones_like(ids)
-    for b in range(batch):
-        am[b, : pads[b % len(pads)]] = 0
-    return ids.masked_fill(am == 0, 0), am
+    return left_padded(batch, seq, pads, seed)
 
 
 def _compare(ref_out, out, am):
