@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from typing import Any, Callable, Optional
 
 import torch
 
 from ..decode import generate as fast_generate
 from ..kernels._common import log_once
-
-logger = logging.getLogger("gemma4_fast")
 
 _DEFAULTS = {"freq_penalty": 0.0, "repetition_penalty": 1.0, "use_past_kv_cache": True, "output_logits": False,
              "return_cache": False, "return_input_tokens": False, "names_filter": None, "device": None,

@@ -356,6 +356,13 @@ class Decoder:
         self.masks = {t: None for t in set(self.text_config.layer_types)}
         self.runners: list[_LayerGraph] = []
         self.runners_key = None
+        self.signature = None
+
+    def _signature(self) -> int:
+        """What a captured graph depends on besides the cache: the parameters' storage and the module classes
+        (a ``.to(dtype)``, a re-patch or a bridge boot in between must not replay a stale graph)."""
+        return hash((tuple((p.data_ptr(), p.dtype) for p in self.model.parameters()),
+                     tuple(type(m) for m in self.model.modules())))
 
     def mode(self, cuda_graph: Union[bool, str], device: torch.device) -> tuple[str, str]:
         """``(mode, reason)``: ``"graph"`` (the whole step is one graph), ``"layers"`` (hooks are attached:
@@ -442,9 +449,12 @@ class Decoder:
         if am.shape != ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(ids.shape)}, got {tuple(am.shape)}")
         length = -(-(S + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
-        if self.cache is None or self.cache.length != length or self.cache.kv_lens.shape[0] != B:
+        signature = self._signature()
+        if (self.cache is None or self.cache.length != length or self.cache.kv_lens.shape[0] != B
+                or signature != self.signature):
             self.cache = DecodeCache(B, length, device)
             self.graph = self.graph_key = None
+            self.runners, self.runners_key, self.signature = [], None, signature
             self.state = dict(ids=torch.zeros(B, 1, dtype=torch.long, device=device),
                               pos=torch.zeros(B, 1, dtype=torch.long, device=device),
                               out=torch.zeros(B, max(max_new_tokens, 1), dtype=torch.long, device=device),

@@ -172,6 +172,21 @@ def test_sampling_runs_and_is_reproducible(models):
     assert torch.equal(a[:, :9], ids)
 
 
+def test_model_changes_drop_the_captured_state(models):
+    """A dtype change (new parameter storage) or a re-patch must not reuse graphs, runners or the cache."""
+    fast = copy.deepcopy(models["tiny-moe"])
+    patch_model(fast, backend="torch")
+    ids, am = _prompt()
+    first = generate(fast, ids, am, max_new_tokens=6)
+    decoder = fast._g4f_decoder
+    cache = decoder.cache
+    assert torch.equal(generate(fast, ids, am, max_new_tokens=6), first) and decoder.cache is cache
+    fast.to(torch.float64)
+    again = generate(fast, ids, am, max_new_tokens=6)
+    assert decoder.cache is not cache and again.shape == first.shape
+    assert all(b.dtype == torch.float64 for b in decoder.cache.keys.values())
+
+
 def test_errors(models):
     ref = models["tiny-moe"]
     ids, am = _prompt()
