@@ -13,7 +13,7 @@ import torch
 from .._common import can_launch, device_of, log_once, needs_grad
 from . import configs as _configs
 from .naive import (attention_naive, attention_pattern_naive, attention_scores_naive, pattern_apply_naive,
-                    softmax_scores)
+                    softmax_scores as softmax_scores_naive)
 
 
 MAX_HEAD_DIM = 512
@@ -312,6 +312,34 @@ def pattern_apply(pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return pattern_apply_naive(pattern, v)
     out = _new_empty((B, Sq, Hq, v.shape[3]), v.dtype, v.device)
     return pattern_apply_matmul(pattern, v, out)
+
+
+def softmax_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Probabilities from (possibly hook-edited) attention scores: fp32 softmax over the last dim.
+
+    Args:
+        scores: ``[..., Sk]`` (e.g. ``[B, Hq, Sq, Sk]`` from :func:`attention_scores`), bf16 / fp16 / fp32;
+            masked entries ``-inf``. Any layout (a non-contiguous tensor is copied once, logged).
+
+    Returns:
+        a contiguous tensor of ``scores``' shape and dtype: ``exp(s - max) / sum`` per row in fp32, rounded
+        once; rows whose scores are all ``-inf`` give zeros (never NaN). One Triton program per row
+        (``softmax.py``); inputs that need gradients, other dtypes or devices without a Triton backend run
+        ``naive.softmax_scores`` (logged once per reason).
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() < 1:
+        raise ValueError(f"scores must be a tensor with a last (key) dim, got {type(scores).__name__}")
+    if not _fast_ok("softmax_scores", scores):
+        return softmax_scores_naive(scores)
+    from .softmax import select_config, softmax_scores_fwd
+    if not scores.is_contiguous():
+        log_once("copy-softmax", "softmax_scores: scores are not contiguous; copying them")
+        scores = scores.contiguous()
+    out = _new_empty(tuple(scores.shape), scores.dtype, scores.device)
+    if out.numel() > 0:
+        with device_of(scores):
+            softmax_scores_fwd(scores, out, select_config(scores.shape[-1]))
+    return out
 
 
 __all__ = ["attention", "attention_lse", "attention_scores", "attention_pattern", "pattern_apply",
