@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast-kernels", default="auto", choices=["auto", "true", "false"],
                       help="use the fast kernels: auto (CUDA if present), true (required), false (HF delegation)")
     demo.add_argument("--top-k", type=int, default=5)
+    demo.add_argument("--generate", type=int, default=0, metavar="N",
+                      help="also greedy-generate N tokens with bridge.generate (CUDA-graph decode on the fast path)")
     sub.add_parser("presets", help="list the presets")
     sub.add_parser("info", help="versions, device and kernel backend")
     return ap
@@ -96,6 +98,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     toks = ", ".join(f"{int(i)}:{tokenizer.decode([int(i)])!r} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
     print(f"  next token : {toks}")
     print(f"  wall time  : boot {t_boot:.2f} s, run_with_cache {t_run * 1e3:.1f} ms")
+    if args.generate > 0:
+        kw = dict(max_new_tokens=args.generate, do_sample=False, stop_at_eos=False, verbose=False)
+        bridge.generate(tokens, **kw)  # warm-up (compilation, graph capture)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        out = bridge.generate(tokens, **kw)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t_gen = time.perf_counter() - t2
+        new = out[0, tokens.shape[-1]:].tolist()
+        print(f"  generate   : {len(new)} tokens in {t_gen * 1e3:.1f} ms ({len(new) / t_gen:.1f} tok/s, prefill "
+              f"included): {new[:12]}{' ...' if len(new) > 12 else ''}")
     return 0
 
 

@@ -132,10 +132,10 @@ def test_bridge_boots_offline_with_hf_parity(name):
 
 def test_cli_demo_runs_offline():
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, "-m", "gemma4_fast", "demo"], capture_output=True, text=True, env=env,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-m", "gemma4_fast", "demo", "--generate", "5"], capture_output=True,
+                         text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    for field in ("model", "device", "path", "hooks", "next token", "wall time"):
+    for field in ("model", "device", "path", "hooks", "next token", "wall time", "generate   : 5 tokens"):
         assert field in out.stdout
     assert "delegation" in out.stdout.lower()
 
