@@ -424,7 +424,10 @@ class Decoder:
         self._emit(pick_tokens(logits, sampling), eos, pad)
 
     def check_patched(self) -> None:
-        attn = [m for m in self.model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")]
+        from .patch import _text_roots
+
+        text = [m for _, root in _text_roots(self.model) for m in root.modules()]
+        attn = [m for m in text if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")]
         slow = [type(m).__name__ for m in attn if not isinstance(m, FastAttentionMixin)]
         if not attn or slow:
             raise ValueError("generate needs a model patched with gemma4_fast.patch_model (attention on every "

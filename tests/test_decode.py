@@ -99,6 +99,26 @@ def test_greedy_matches_hf(models, preset):
     assert torch.equal(again, _hf_generate(ref, ids[:, 2:], am[:, 2:], 20))
 
 
+def test_conditional_generation_text_only():
+    """``Gemma4ForConditionalGeneration``: only the language model is patched (the vision tower stays HF) and
+    text-only generation equals HF's."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4VisionConfig
+
+    from gemma4_fast.models import text_config
+
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16)
+    cfg = Gemma4Config(text_config=text_config("tiny-ple-kv-shared").to_dict(), vision_config=vision.to_dict(),
+                       audio_config=None)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = Gemma4ForConditionalGeneration(cfg).eval()
+    model = copy.deepcopy(ref)
+    patch_model(model, backend="torch")
+    ids, am = _prompt()
+    assert torch.equal(generate(model, ids, am, max_new_tokens=12), _hf_generate(ref, ids, am, 12))
+
+
 def test_greedy_matches_hf_triton_interpreter(models, monkeypatch):
     if not interpret_mode():
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
