@@ -27,6 +27,7 @@ only the fused attention op runs and no ``[.., Sq, Sk]`` tensor exists.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -35,6 +36,7 @@ from transformers.cache_utils import StaticLayer
 
 from . import ops
 from .hooks import get_hook, hook_active
+from .kernels.attention.naive import visible_mask
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,21 +52,6 @@ def _apply_hooks(fns: Sequence[HookFn], t: torch.Tensor) -> torch.Tensor:
     for fn in fns:
         t = _apply_hook(fn, t)
     return t
-
-
-def _visible(sq: int, sk: int, window: Optional[int], causal: bool, kpm: torch.Tensor) -> torch.Tensor:
-    """causal ∧ window ∧ padding visibility ``[B, 1, Sq, Sk]``, queries at the end of the keys."""
-    pos = torch.arange(sq, device=kpm.device) + (sk - sq)
-    diff = pos[:, None] - torch.arange(sk, device=kpm.device)[None, :]
-    if causal:
-        vis = diff >= 0
-        if window is not None:
-            vis = vis & (diff < window)
-    elif window is not None:
-        vis = diff.abs() < window
-    else:
-        vis = torch.ones(sq, sk, dtype=torch.bool, device=kpm.device)
-    return vis[None, None] & kpm[:, None, None, :]
 
 
 def _fast_flows(q, k, v, *, kpm, scale, window, softcap, causal, backend, scores_hook, pattern_hooks,
@@ -209,7 +196,8 @@ def _slow_path(q, k, v, mask, *, scale, window, softcap, causal, backend, scores
               pattern_hooks=tuple(pattern_hooks), dropout=dropout)
     if pure:
         full = keep.expand(b, keep.shape[1], sq, keep.shape[-1])
-        if torch.equal(_visible(sq, keep.shape[-1], window, causal, kpm).expand_as(full), full):
+        vis = visible_mask(sq, keep.shape[-1], window=window, causal=causal, key_padding_mask=kpm)
+        if torch.equal(vis.expand_as(full), full):
             o, p = _fast_flows(q, k, v, kpm=kpm, window=window, causal=causal, want_weights=want_weights, **kw)
             return o, (p.to(q.dtype) if (want_weights and p is not None) else None)
     ops.log_once("attn-explicit", "attention mask is not causal/window/padding (e.g. bidirectional image "
@@ -315,8 +303,7 @@ class FastAttentionMixin:
             if start:
                 key_states, value_states = key_states[:, :, start:], value_states[:, :, start:]
         elif past_key_values is not None:
-            def valid_len_fn():
-                return _static_total(past_key_values, cache_layer)
+            valid_len_fn = functools.partial(_static_total, past_key_values, cache_layer)
 
         attn_output, attn_weights = attention_core(
             query_states, key_states, value_states, attention_mask,

@@ -364,9 +364,11 @@ class Decoder:
         return hash((tuple((p.data_ptr(), p.dtype) for p in self.model.parameters()),
                      tuple(type(m) for m in self.model.modules())))
 
-    def mode(self, cuda_graph: Union[bool, str], device: torch.device) -> tuple[str, str]:
+    def mode(self, cuda_graph: Union[bool, str], device: torch.device,
+             hooked: Optional[list[str]] = None) -> tuple[str, str]:
         """``(mode, reason)``: ``"graph"`` (the whole step is one graph), ``"layers"`` (hooks are attached:
-        unhooked decoder layers are graphed, the rest runs eagerly) or ``"eager"``."""
+        unhooked decoder layers are graphed, the rest runs eagerly) or ``"eager"``. ``hooked``: the result of
+        ``_hooked_modules(model)`` when the caller has it."""
         if cuda_graph is False:
             return "eager", "cuda_graph=False"
         if device.type != "cuda" and not _LayerGraph.emulate:
@@ -374,7 +376,7 @@ class Decoder:
         devices = {p.device for p in self.model.parameters()}
         if len(devices) > 1:
             return "eager", f"the model spans {len(devices)} devices"
-        hooked = _hooked_modules(self.model)
+        hooked = _hooked_modules(self.model) if hooked is None else hooked
         if hooked:
             return "layers", f"hooks are attached ({', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''})"
         if device.type != "cuda":
@@ -477,16 +479,17 @@ class Decoder:
 
         self.cache.reset(am.bool())
         prompt_pos = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
-        logits = self._forward(ids, prompt_pos, all_positions=bool(_hooked_modules(self.model)))
+        hooked = _hooked_modules(self.model)
+        mode, why = self.mode(cuda_graph, device, hooked)
+        if mode == "eager" and cuda_graph is True:
+            raise ValueError(f"cuda_graph=True but the decode step cannot be captured: {why}")
+        logits = self._forward(ids, prompt_pos, all_positions=bool(hooked))
         self.cache.advance_host(S)
         self.cache.host_len = None
         self.cache.known_len = S
         st["pos"].copy_(am.long().sum(-1, keepdim=True))
         self._emit(pick_tokens(logits, sampling), eos, pad_token_id)
 
-        mode, why = self.mode(cuda_graph, device)
-        if mode == "eager" and cuda_graph is True:
-            raise ValueError(f"cuda_graph=True but the decode step cannot be captured: {why}")
         if mode != "graph":
             logger.info("gemma4_fast.generate: %s decode steps (%s)", "per-layer graph" if mode == "layers"
                         else "eager", why)
