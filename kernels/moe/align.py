@@ -50,17 +50,25 @@ def _block_expert_ids(expert_ids_ptr, ends, total, num_blocks, BLOCK_M: tl.const
 
 
 @triton.jit
-def moe_align_block_size_small_fwd_kernel(
-    idx_ptr, sorted_ptr, expert_ids_ptr, ntpp_ptr,
-    numel, num_experts, max_len, num_blocks,
-    BLOCK_M: tl.constexpr, N_P2: tl.constexpr, E_P2: tl.constexpr, FILL: tl.constexpr, NB: tl.constexpr,
-):
-    offs = tl.arange(0, N_P2)
+def _onehot(idx_ptr, start, numel, num_experts, N: tl.constexpr, E_P2: tl.constexpr):
+    """Entries ``[start, start + N)`` of the flat expert index: their offsets, expert ids, validity (in range
+    and a real expert) and the ``[N, E_P2]`` int32 one-hot of the valid ones."""
+    offs = start + tl.arange(0, N)
     in_range = offs < numel
     e = tl.load(idx_ptr + offs, mask=in_range, other=-1)
     valid = in_range & (e >= 0) & (e < num_experts)
     cols = tl.arange(0, E_P2)
     onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
+    return offs, e, valid, onehot
+
+
+@triton.jit
+def moe_align_block_size_small_fwd_kernel(
+    idx_ptr, sorted_ptr, expert_ids_ptr, ntpp_ptr,
+    numel, num_experts, max_len, num_blocks,
+    BLOCK_M: tl.constexpr, N_P2: tl.constexpr, E_P2: tl.constexpr, FILL: tl.constexpr, NB: tl.constexpr,
+):
+    offs, e, valid, onehot = _onehot(idx_ptr, 0, numel, num_experts, N_P2, E_P2)
     counts = tl.sum(onehot, axis=0)
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -83,12 +91,8 @@ def moe_align_block_size_count_fwd_kernel(
     CHUNK: tl.constexpr, E_P2: tl.constexpr,
 ):
     c = tl.program_id(0)
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    in_range = offs < numel
-    e = tl.load(idx_ptr + offs, mask=in_range, other=-1)
-    valid = in_range & (e >= 0) & (e < num_experts)
+    offs, e, valid, onehot = _onehot(idx_ptr, c * CHUNK, numel, num_experts, CHUNK, E_P2)
     cols = tl.arange(0, E_P2)
-    onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
     tl.store(table_ptr + c * num_experts + cols, tl.sum(onehot, axis=0), mask=cols < num_experts)
 
 
@@ -122,12 +126,7 @@ def moe_align_block_size_scatter_fwd_kernel(
     CHUNK: tl.constexpr, E_P2: tl.constexpr,
 ):
     c = tl.program_id(0)
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    in_range = offs < numel
-    e = tl.load(idx_ptr + offs, mask=in_range, other=-1)
-    valid = in_range & (e >= 0) & (e < num_experts)
-    cols = tl.arange(0, E_P2)
-    onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
+    offs, e, valid, onehot = _onehot(idx_ptr, c * CHUNK, numel, num_experts, CHUNK, E_P2)
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
     ec = tl.where(valid, e, 0)
     base = tl.load(table_ptr + c * num_experts + ec, mask=valid, other=0)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .._common import can_launch, device_of, log_once, needs_grad, next_power_of_2
-from .align import moe_align_block_size_fwd, padded_length
+from .align import _onehot, moe_align_block_size_fwd, padded_length
 from .configs import get_config
 from .naive import moe_experts_naive
 
@@ -71,12 +71,9 @@ def _fused_route(idx_ptr, numel, num_experts, pid_m, BLOCK_M: tl.constexpr, ROUT
     ascending flat-id order. Returns the block's expert, its ``BLOCK_M`` flat ids (``numel`` = pad) and
     the padded total.
     """
-    offs = tl.arange(0, ROUTE_N)
-    in_range = offs < numel
-    e = tl.load(idx_ptr + offs, mask=in_range, other=-1)
-    valid = in_range & (e >= 0) & (e < num_experts)
+    offs, e, valid, onehot = _onehot(idx_ptr, 0, numel, num_experts, ROUTE_N, ROUTE_E)
     cols = tl.arange(0, ROUTE_E)
-    counts = tl.sum(((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32), axis=0)
+    counts = tl.sum(onehot, axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     total = tl.sum(padded, axis=0)
