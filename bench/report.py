@@ -463,13 +463,7 @@ def plot_model(entries: list[dict], suite: dict, anchors: list[dict], out: Path)
                            for a in [match_anchor(anchors, model, what, s)] if a)
             if a_pts:
                 ax.plot([p[0] for p in a_pts], [p[1] for p in a_pts], "x--", color="gray", label="anchor")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(f"{model}: {WORKLOADS.get(what, what)}", fontsize=9)
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel("ms")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            _time_axes(ax, f"{model}: {WORKLOADS.get(what, what)}", "sequence length", 9)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         fig.tight_layout()
@@ -539,17 +533,22 @@ def plot_op(suite: str, doc: dict, out: Path) -> Optional[Path]:
             xs = sorted(by_x)
             label = name if most == 1 else f"{name} (best of {most})"
             ax.plot(xs, [min(by_x[xv]) for xv in xs], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(group_keys, key) if v is not None) or suite, fontsize=8)
-        ax.set_xlabel(x)
-        ax.set_ylabel("ms")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _time_axes(ax, ", ".join(f"{k}={v}" for k, v in zip(group_keys, key) if v is not None) or suite, x, 8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
     return _save(fig, plt, out / f"{suite}_time.png")
+
+
+def _time_axes(ax: Any, title: str, xlabel: str, title_size: int) -> None:
+    """Log-log time axes (x base 2, y in ms) with a grid and a legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=title_size)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("ms")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _save(fig: Any, plt: Any, path: Path) -> Path:
