@@ -1,4 +1,5 @@
-"""Shared test inputs (imported by the test modules; ``tests/conftest.py`` puts ``tests/`` on ``sys.path``)."""
+"""Shared test inputs and models (imported by the test modules; ``tests/conftest.py`` puts ``tests/`` on
+``sys.path``)."""
 from __future__ import annotations
 
 import torch
@@ -13,3 +14,18 @@ def left_padded(batch: int, seq: int, pads=(0, 3, 6), seed: int = 1) -> tuple[to
     for b in range(batch):
         am[b, : pads[b % len(pads)]] = 0
     return ids.masked_fill(am == 0, 0), am
+
+
+def tiny_conditional_generation(preset: str):
+    """A tiny ``Gemma4ForConditionalGeneration`` (eager attention, seed 0): the text model of ``preset`` and a
+    one-layer vision tower."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4VisionConfig
+
+    from gemma4_fast.models import text_config
+
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16)
+    cfg = Gemma4Config(text_config=text_config(preset).to_dict(), vision_config=vision.to_dict(), audio_config=None)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return Gemma4ForConditionalGeneration(cfg).eval()

@@ -18,7 +18,7 @@ from gemma4_fast.kernels.attention import api, attention
 from gemma4_fast.kernels.attention.naive import attention_naive
 from gemma4_fast.models import build_model, unified_available
 from gemma4_fast.patch import patch_model
-from _inputs import left_padded
+from _inputs import left_padded, tiny_conditional_generation
 
 PRESETS = ["tiny-ple-kv-shared", "tiny-dense-k-eq-v", "tiny-moe"] + (["tiny-unified"] if unified_available() else [])
 SPLIT_TILE = '{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}'
@@ -102,17 +102,7 @@ def test_greedy_matches_hf(models, preset):
 def test_conditional_generation_text_only():
     """``Gemma4ForConditionalGeneration``: only the language model is patched (the vision tower stays HF) and
     text-only generation equals HF's."""
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4VisionConfig
-
-    from gemma4_fast.models import text_config
-
-    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, head_dim=16)
-    cfg = Gemma4Config(text_config=text_config("tiny-ple-kv-shared").to_dict(), vision_config=vision.to_dict(),
-                       audio_config=None)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    ref = Gemma4ForConditionalGeneration(cfg).eval()
+    ref = tiny_conditional_generation("tiny-ple-kv-shared")
     model = copy.deepcopy(ref)
     patch_model(model, backend="torch")
     ids, am = _prompt()

@@ -18,7 +18,7 @@ from gemma4_fast.models import build_model, unified_available
 from gemma4_fast.modules import fast_classes
 from gemma4_fast.patch import PatchReport, is_patched, patch_model, unpatch_model
 from gemma4_fast.registration import NAME, is_registered, register
-from _inputs import left_padded
+from _inputs import left_padded, tiny_conditional_generation
 
 RTOL = 1e-4
 
@@ -202,17 +202,7 @@ def test_wrapped_modules_are_patched(models):
 
 
 def test_conditional_generation_patches_text_only():
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4VisionConfig
-
-    from gemma4_fast.models import text_config
-
-    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, head_dim=16)
-    cfg = Gemma4Config(text_config=text_config("tiny-dense-k-eq-v").to_dict(), vision_config=vision.to_dict(),
-                       audio_config=None)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    ref = Gemma4ForConditionalGeneration(cfg).eval()
+    ref = tiny_conditional_generation("tiny-dense-k-eq-v")
     model = copy.deepcopy(ref)
     vision_classes = [type(m) for m in model.model.vision_tower.modules()]
     report = patch_model(model, backend="torch")
