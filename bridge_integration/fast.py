@@ -13,6 +13,9 @@ bridge's HookPoints:
   ``router.hook_top_k_index`` ``[batch, pos, k]`` and ``experts.hook_expert_outputs``
   ``[batch, pos, k, d_model]`` (each chosen expert's output before its routing weight).
 
+Blocks with no active hook inside skip the bridge's per-submodule wrappers (``quiet.py``): residual hooks
+still fire, and any inner hook puts the block back on the wrapped path for that call.
+
 Every hook of the seed bridge keeps its name and shape. ``disable_fast_kernels`` undoes all of it.
 """
 from __future__ import annotations
@@ -295,6 +298,11 @@ def enable_fast_kernels(bridge: Any, mode: bool | str = True, *, backend: str = 
     from .generate import install_generate
 
     undo.append(install_generate(bridge))
+    from .quiet import install_quiet_blocks
+
+    wrapped, undo_quiet = install_quiet_blocks(bridge)
+    undo.append(undo_quiet)
+    report.notes.extend(f"{line}: this block always runs through the bridge's wrappers" for line in wrapped)
     _rescan_hooks(bridge)
     _set_state(bridge, report, undo)
     return report

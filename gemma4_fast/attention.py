@@ -39,6 +39,10 @@ from .hooks import get_hook, hook_active
 from .kernels.attention.naive import visible_mask
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
+#: Instance flag: attention weights reach the caller only through ``pattern_fn``; never return them for
+#: ``output_attentions`` (set on a TransformerBridge layer's unwrapped twin, whose wrapper would have passed
+#: ``pattern_fn``).
+WEIGHTS_VIA_SEAM = "_g4f_weights_via_seam"
 
 
 def _apply_hook(fn: Optional[HookFn], t: torch.Tensor) -> torch.Tensor:
@@ -287,9 +291,10 @@ class FastAttentionMixin:
             shared_kv_states[self.layer_type] = key_states, value_states
 
         scores_hook, pattern_hooks = seam_hooks(self, pattern_fn)
-        if pattern_fn is not None:
+        if pattern_fn is not None or self.__dict__.get(WEIGHTS_VIA_SEAM):
             # TransformerLens's seam: the pattern reaches the bridge through ``pattern_fn`` (only when hooked);
-            # returning it as well would make the bridge re-fire it post hoc as ``hook_attn_scores``.
+            # returning it as well would make the bridge re-fire it post hoc as ``hook_attn_scores``. A bridge's
+            # unwrapped twin (``bridge_integration.quiet``) is marked instead: it runs with no pattern hook.
             want = False
         else:
             want = kwargs.get("output_attentions")

@@ -1,0 +1,218 @@
+"""Quiet blocks: a decoder block with no active hook inside runs its HF layer without the bridge's wrappers.
+
+TransformerBridge wraps every submodule of a decoder layer (attention, projections, norms, MLP, router, experts)
+in a component whose call adds host work (HookPoint calls, accelerate alignment, signature inspection): about
+40 wrapped calls per Gemma 4 layer. On a GPU below ~4k tokens that host time, not the kernels, sets the forward
+time. When nothing inside a block is hooked, the wrappers only pass tensors through, so the block can call an
+*unwrapped twin* of its layer instead: a shallow copy of the HF layer whose children are the wrapped HF modules
+themselves (same parameters, buffers and forward code; no weight copies). The block's own ``hook_resid_pre`` /
+``hook_resid_post`` (``hook_in`` / ``hook_out``) still run on every call, so residual-stream hooks and
+``run_with_cache`` of residuals take this path too.
+
+A block is quiet for a call when all of these hold, checked on every call (a few microseconds per block):
+
+- no HookPoint inside the block (every one but ``hook_in`` / ``hook_out``) has a forward or backward hook;
+- no other module inside carries a hook other than wiring (TransformerLens's own capture hooks, this package's
+  shape recorders, transformers' output-capturing hooks), and there are no global module hooks;
+- the block is not the ``stop_at_layer`` / ``start_at_layer`` block of the call (the wrapped path stops or
+  injects the residual there);
+- the layer's module tree is the one the twin was built from (same children, same classes); otherwise the twin
+  is rebuilt.
+
+Blocks whose layer has accelerate hooks (``device_map`` offload or multi-device dispatch) are never made quiet:
+their wrappers move tensors between devices. Everything else, including gradients, is unchanged: the twin runs
+the same modules.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from ..decode import _INFRASTRUCTURE
+from ..attention import WEIGHTS_VIA_SEAM
+from ..hooks import ATTR
+
+_STATE = "_g4f_quiet"
+
+
+def _wiring(fn: Any) -> bool:
+    return (getattr(fn, "__module__", None) or "").startswith(_INFRASTRUCTURE)
+
+
+def _hook_dicts(m: nn.Module) -> tuple:
+    return m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has a hook that the wrapped path would run and the twin would skip."""
+    if m._backward_hooks or m._backward_pre_hooks:
+        return True
+    if not (m._forward_hooks or m._forward_pre_hooks):
+        return False
+    if type(m).__name__ == "HookPoint":
+        return True
+    return not all(_wiring(fn) for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+
+
+def _twin(module: nn.Module) -> nn.Module:
+    """``module`` with every bridge component below it replaced by the HF module it wraps (shallow copies of the
+    containers on the way and of modules with seams; other leaves and all parameters shared). Seams
+    (``_g4f_hooks``) are dropped from the copies: a quiet block has none active. Attention modules with
+    TransformerLens's pattern seam are marked so that, like under their wrapper (which always passes
+    ``pattern_fn``), they never return weights for ``output_attentions`` (the bridge sets it in the config)."""
+    original = module._modules.get("_original_component")
+    if isinstance(original, nn.Module):
+        return _twin(original)
+    children = {k: (None if v is None else _twin(v)) for k, v in module._modules.items()}
+    seam = bool(getattr(module, "accepts_pattern_fn", False))
+    if all(children[k] is v for k, v in module._modules.items()) and ATTR not in module.__dict__ and not seam:
+        return module
+    twin = copy.copy(module)
+    twin.__dict__["_modules"] = children
+    twin.__dict__.pop(ATTR, None)
+    twin.__dict__.pop("forward", None)
+    if seam:
+        twin.__dict__[WEIGHTS_VIA_SEAM] = True
+    return twin
+
+
+def _global_hooks() -> bool:
+    mod = nn.modules.module
+    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
+                or mod._global_backward_pre_hooks)
+
+
+class _Plan:
+    """What one block checks per call, and its twin.
+
+    ``plain`` holds the hook dicts of every inner module that were empty when the plan was made (any entry makes
+    the block loud); ``watched`` the dicts that held only wiring hooks then, with their keys (any change sends
+    the call to the full check, which rebuilds the plan when the block is still quiet). ``parents`` /
+    ``names_`` / ``children`` / ``classes`` are the parent-child links and classes the twin was built from
+    (HookPoints aside).
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        layer = block._modules["_original_component"]
+        self.index: Optional[int] = block._extract_layer_idx()
+        skip = {id(block._modules.get("hook_in")), id(block._modules.get("hook_out"))}
+        self.inner: list[nn.Module] = []
+        edges: list[tuple[dict, str, nn.Module]] = []
+        stack = [block]
+        while stack:
+            parent = stack.pop()
+            for name, child in parent._modules.items():
+                if child is None or id(child) in skip:
+                    continue
+                self.inner.append(child)
+                if type(child).__name__ != "HookPoint":
+                    edges.append((parent._modules, name, child))
+                stack.append(child)
+        self.parents = [e[0] for e in edges]
+        self.names_ = [e[1] for e in edges]
+        self.children = [e[2] for e in edges]
+        self.classes = [type(c) for c in self.children]
+        self.plain: list[dict] = []
+        self.watched: list[tuple[dict, tuple]] = []
+        for m in self.inner:
+            for d in _hook_dicts(m):
+                (self.watched.append((d, tuple(d))) if d else self.plain.append(d))
+        self.processed = [m for m in self.inner if hasattr(m, "_use_processed_weights")]
+        self.twin = _twin(layer)
+        params = list(inspect.signature(layer.forward).parameters.values())
+        self.names: Optional[list[str]] = (None if any(p.kind is p.VAR_KEYWORD for p in params)
+                                           else [p.name for p in params])
+
+    def unchanged(self) -> bool:
+        """No hook added or removed inside since the plan was made, and the same module tree."""
+        return (not any(self.plain) and all(tuple(d) == keys for d, keys in self.watched)
+                and list(map(dict.get, self.parents, self.names_)) == self.children
+                and list(map(type, self.children)) == self.classes)
+
+    def quiet(self) -> bool:
+        """The full check: no inner module has a hook other than wiring, no processed-weight component."""
+        return not any(_hooked(m) for m in self.inner) and not any(
+            getattr(m, "_use_processed_weights", False) for m in self.processed)
+
+    def kwargs(self, kwargs: dict, n_args: int) -> dict:
+        if self.names is None:
+            return kwargs
+        allowed = set(self.names) - set(self.names[:n_args])
+        return {k: v for k, v in kwargs.items() if k in allowed}
+
+
+def _plan_for(block: nn.Module) -> Optional[_Plan]:
+    """The block's plan when this call can take the twin, else None."""
+    plan: Optional[_Plan] = block.__dict__.get(_STATE)
+    if plan is None or _global_hooks():
+        return None
+    for attr in ("_stop_at_layer_idx", "_start_at_layer_idx"):
+        at = getattr(block, attr, None)
+        if at is not None and (plan.index is None or at == plan.index):
+            return None
+    if plan.unchanged() and not any(getattr(m, "_use_processed_weights", False) for m in plan.processed):
+        return plan
+    if not plan.quiet():
+        return None
+    plan = block.__dict__[_STATE] = _Plan(block)
+    return plan if plan.quiet() else None
+
+
+def _quiet_class(cls: type) -> type:
+    """A subclass of the block class whose ``forward`` takes the twin when the block is quiet (same name, so
+    anything that reads the class name sees the original)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        plan = _plan_for(self)
+        if plan is None:
+            return cls.forward(self, *args, **kwargs)
+        args, kwargs = self._hook_input_hidden_states(args, kwargs)
+        kwargs = plan.kwargs(kwargs, len(args))
+        output = plan.twin(*args, **kwargs)
+        return self._apply_output_hook(output,
+                                       force_tuple_for_bare_tensor=self._is_standalone_hidden_state_call(args, kwargs))
+
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__, "_g4f_quiet_base": cls})
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def install_quiet_blocks(bridge: Any) -> tuple[list[str], Callable[[], None]]:
+    """Make every eligible block of ``bridge`` take its unwrapped twin when quiet.
+
+    Returns:
+        (reasons, undo): one line per block left on the wrapped path (and why), and a callable that restores
+        every block's class and drops the twins.
+    """
+    done: list[nn.Module] = []
+    reasons: list[str] = []
+    for i, block in enumerate(getattr(bridge, "blocks", [])):
+        layer = block._modules.get("_original_component")
+        if not isinstance(layer, nn.Module) or not hasattr(block, "_apply_output_hook"):
+            reasons.append(f"blocks.{i}: not a TransformerLens BlockBridge over a module")
+            continue
+        if any(hasattr(m, "_hf_hook") for m in block.modules()):
+            reasons.append(f"blocks.{i}: accelerate hooks (device_map) move tensors in the wrappers")
+            continue
+        cls = type(block)
+        base = cls.__dict__.get("_g4f_quiet_base", None) or cls
+        quiet_cls = _CLASSES.get(base)
+        if quiet_cls is None:
+            quiet_cls = _CLASSES[base] = _quiet_class(base)
+        block.__dict__[_STATE] = _Plan(block)
+        block.__class__ = quiet_cls
+        done.append(block)
+
+    def undo() -> None:
+        for block in done:
+            block.__dict__.pop(_STATE, None)
+            base = type(block).__dict__.get("_g4f_quiet_base")
+            if base is not None:
+                block.__class__ = base
+
+    return reasons, undo

@@ -1,0 +1,169 @@
+"""bridge_integration.quiet: blocks with no active inner hook run their layer's unwrapped twin.
+
+Checked on the CPU (torch backend, fp32): the twin path skips the bridge's inner components, gives the same
+numbers as the wrapped path, and any inner hook (forward, backward, global), a changed module tree or a
+``stop_at_layer`` call sends the block back through the wrappers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components.linear import LinearBridge
+
+from gemma4_fast import boot_transformers, disable_fast_kernels
+from gemma4_fast.models import build_model, offline_tokenizer, unified_available
+from gemma4_fast.presets import PRESETS, TINY_PRESETS
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return offline_tokenizer()
+
+
+def _fast(name, tok):
+    return boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
+                             fast_backend="torch")
+
+
+@pytest.fixture
+def wrapped_calls(monkeypatch):
+    """The LinearBridge components (projections inside blocks) whose wrapper ran."""
+    calls: list[nn.Module] = []
+    original = LinearBridge.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LinearBridge, "forward", counting)
+    return calls
+
+
+def _ids(n=19, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 260, (2, n), generator=g)
+    ids[:, 0] = 2
+    return ids
+
+
+def _force_wrapped(bridge):
+    """A no-op hook inside every block: every block takes the wrapped path."""
+    return [blk.ln1.hook_in.add_hook(lambda t, hook: t) for blk in bridge.blocks]
+
+
+def _blocks_of(bridge, calls):
+    """Indices of the blocks whose inner wrappers ran."""
+    owner = {id(m): i for i, blk in enumerate(bridge.blocks) for m in blk.modules()}
+    return sorted({owner[id(m)] for m in calls if id(m) in owner})
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_quiet_blocks_skip_wrappers_and_match_the_wrapped_path(name, tok, wrapped_calls):
+    if PRESETS[name].unified and not unified_available():
+        pytest.skip("this transformers has no gemma4_unified models")
+    fast = _fast(name, tok)
+    ids = _ids()
+    with torch.no_grad():
+        quiet = fast(ids)
+        assert _blocks_of(fast, wrapped_calls) == []
+        _force_wrapped(fast)
+        wrapped = fast(ids)
+        fast.reset_hooks()
+    assert _blocks_of(fast, wrapped_calls) == list(range(len(fast.blocks)))
+    torch.testing.assert_close(quiet, wrapped, rtol=0, atol=0)
+
+
+def test_residual_hooks_stay_quiet_and_match_the_seed(tok, wrapped_calls):
+    name = "tiny-ple-kv-shared"
+    seed = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu")
+    fast = _fast(name, tok)
+    ids = _ids()
+
+    def resid(n):
+        return n.endswith("hook_resid_post") or n.endswith("hook_resid_pre")
+
+    with torch.no_grad():
+        ref_logits, ref = seed.run_with_cache(ids, names_filter=resid)
+        wrapped_calls.clear()
+        logits, cache = fast.run_with_cache(ids, names_filter=resid)
+    assert _blocks_of(fast, wrapped_calls) == []
+    assert len(cache.keys()) == 2 * len(fast.blocks)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    for key in ref.keys():
+        torch.testing.assert_close(cache[key], ref[key], rtol=1e-4, atol=1e-4 * ref[key].abs().max().item())
+
+    def double(t, hook):
+        return t * 2
+
+    with torch.no_grad():
+        edited = fast.run_with_hooks(ids, fwd_hooks=[("blocks.2.hook_resid_post", double)])
+        expected = seed.run_with_hooks(ids, fwd_hooks=[("blocks.2.hook_resid_post", double)])
+    torch.testing.assert_close(edited, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_inner_hook_wraps_only_its_block(tok, wrapped_calls):
+    fast = _fast("tiny-moe", tok)
+    ids = _ids()
+    seen = []
+    with torch.no_grad():
+        fast.run_with_hooks(ids, fwd_hooks=[("blocks.3.attn.hook_z", lambda t, hook: seen.append(t.shape))])
+    assert seen and _blocks_of(fast, wrapped_calls) == [3]
+    wrapped_calls.clear()
+    with torch.no_grad():
+        fast(ids)
+    assert _blocks_of(fast, wrapped_calls) == []
+
+
+def test_backward_and_global_hooks_take_the_wrapped_path(tok, wrapped_calls):
+    fast = _fast("tiny-dense-k-eq-v", tok)
+    ids = _ids()
+    grads = []
+    fast.blocks[1].mlp.hook_out.add_hook(lambda g, hook: grads.append(g.shape), dir="bwd")
+    fast(ids).sum().backward()
+    assert grads and _blocks_of(fast, wrapped_calls) == [1]
+    fast.reset_hooks(including_permanent=True)
+    wrapped_calls.clear()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        with torch.no_grad():
+            fast(ids)
+    finally:
+        handle.remove()
+    assert _blocks_of(fast, wrapped_calls) == list(range(len(fast.blocks)))
+
+
+def test_a_replaced_module_rebuilds_the_twin(tok):
+    fast = _fast("tiny-dense-k-eq-v", tok)
+    ids = _ids()
+    with torch.no_grad():
+        before = fast(ids)
+        down = fast.blocks[2].mlp.original_component.down_proj
+        old = down.original_component
+        new = nn.Linear(old.in_features, old.out_features, bias=False)
+        nn.init.normal_(new.weight, std=0.5)
+        down._modules["_original_component"] = new
+        after = fast(ids)
+        _force_wrapped(fast)
+        wrapped = fast(ids)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, wrapped, rtol=0, atol=0)
+
+
+def test_stop_at_layer_and_disable(tok, wrapped_calls):
+    name = "tiny-moe"
+    seed = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu")
+    fast = _fast(name, tok)
+    ids = _ids()
+    base = {type(b) for b in seed.blocks}
+    with torch.no_grad():
+        out = fast(ids, stop_at_layer=3)
+        ref = seed(ids, stop_at_layer=3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert _blocks_of(fast, wrapped_calls) == []
+    disable_fast_kernels(fast)
+    assert {type(b) for b in fast.blocks} == base
+    with torch.no_grad():
+        fast(ids)
+    assert _blocks_of(fast, wrapped_calls) == list(range(len(fast.blocks)))
