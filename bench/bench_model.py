@@ -129,9 +129,10 @@ def attention_pairs(S: int, window: Optional[int]) -> int:
     return window * (window + 1) // 2 + (S - window) * window
 
 
-def active_linear_params(model: torch.nn.Module) -> float:
-    """Matmul weights one token goes through: every 2-D+ weight of the text model except embedding tables;
-    stacked experts count top_k / n_experts; K/V projections of KV-shared layers are not run."""
+def active_linear_params(model: torch.nn.Module, within: Optional[torch.nn.Module] = None) -> float:
+    """Matmul weights one token goes through: every 2-D+ weight of the text model (or of ``within``, one of its
+    submodules) except embedding tables; stacked experts count top_k / n_experts; K/V projections of KV-shared
+    layers are not run."""
     cfg = model.config
     inner = model.model
     skip: set[int] = set()
@@ -143,7 +144,7 @@ def active_linear_params(model: torch.nn.Module) -> float:
                 if mod is not None:
                     skip.update(id(p) for p in mod.parameters())
     total = 0.0
-    for name, p in inner.named_parameters():
+    for name, p in (within or inner).named_parameters():
         if p.dim() < 2 or "embed_tokens" in name or id(p) in skip:
             continue
         n = float(p.numel())
@@ -153,15 +154,32 @@ def active_linear_params(model: torch.nn.Module) -> float:
     return total
 
 
+def hf_trims_kv_shared(model: torch.nn.Module) -> bool:
+    """Whether this transformers runs the KV-shared layers (E2B/E4B) on the kept logit rows only when asked for
+    an integer ``logits_to_keep`` (``_maybe_slice_kv_shared_inputs``, transformers >= 5.23; 5.17 runs them on
+    every position)."""
+    inner = getattr(model, "model", None)
+    return hasattr(inner, "_maybe_slice_kv_shared_inputs") and bool(getattr(model.config, "num_kv_shared_layers", 0))
+
+
 def forward_flops(model: torch.nn.Module, S: int, logits_rows: int) -> float:
     """Estimated FLOPs of one forward over S tokens: 2 x active weights x S, causal (windowed) attention
-    4 x heads x head_dim per visible pair, and the tied LM head for ``logits_rows`` positions."""
+    4 x heads x head_dim per visible pair, and the tied LM head for ``logits_rows`` positions. Where
+    ``hf_trims_kv_shared`` and only the last ``logits_rows < S`` rows are kept, the KV-shared layers count those
+    rows only (their queries see all S keys). ``bench/floors.py`` counts the same with torch's FLOP counter."""
     cfg = model.config
+    layers = list(getattr(model.model, "layers", []))
+    first_shared = len(layers) - int(getattr(cfg, "num_kv_shared_layers", 0) or 0)
+    trim = logits_rows < S and hf_trims_kv_shared(model)
     flops = 2.0 * active_linear_params(model) * S
-    for layer in getattr(model.model, "layers", []):
+    for i, layer in enumerate(layers):
         attn = layer.self_attn
         window = getattr(attn, "sliding_window", None)
-        flops += 4.0 * cfg.num_attention_heads * attn.head_dim * attention_pairs(S, window)
+        pairs = attention_pairs(S, window)
+        if trim and i >= first_shared:
+            flops -= 2.0 * active_linear_params(model, layer) * (S - logits_rows)
+            pairs = sum(min(S - j, window or S) for j in range(logits_rows))
+        flops += 4.0 * cfg.num_attention_heads * attn.head_dim * pairs
     flops += 2.0 * cfg.vocab_size * cfg.hidden_size * logits_rows
     return flops
 
