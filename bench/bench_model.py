@@ -81,6 +81,9 @@ else:
         "bridge_generate": {"E2B": [GEN_PROMPT]},
     }
 MAY_OOM_S = 32768
+# workloads that also get an impl "graph": CUDA-graph decode for hf_generate, prefill graphs
+# (gemma4_fast.enable_prefill_graphs) for the forwards
+GRAPH_VARIANTS = ("hf_generate", "hf_forward", "bridge_forward", "bridge_cache_resid")
 MODEL_ORDER = ("E2B", "A4B-6L", "26B-A4B")
 IMPLS = {"hf": ("sdpa", "fast"), "bridge": ("seed", "fast")}
 
@@ -224,6 +227,7 @@ class ModelCase:
         self.bridge_obj: Any = None
         self.state: Optional[str] = None
         self.patch_report: Any = None
+        self.graphs_on: Any = None
         self.last_logits: dict[tuple, torch.Tensor] = {}
         self._flops_cache: dict[tuple[int, int], float] = {}
 
@@ -238,6 +242,10 @@ class ModelCase:
         return self._flops_cache[key]
 
     def _leave_fast(self) -> None:
+        if self.graphs_on is not None:
+            import gemma4_fast
+            gemma4_fast.disable_prefill_graphs(self.graphs_on)
+            self.graphs_on = None
         if self.state == "hf-fast":
             fast_patch_api()[1](self.model)
         elif self.state == "bridge-fast":
@@ -250,10 +258,14 @@ class ModelCase:
             raise RuntimeError("HF-forward items must run before the bridge is booted on this model "
                                "(the bridge swaps its components into the HF model)")
         self._leave_fast()
-        if impl == "fast":
+        if impl in ("fast", "graph"):
             patch_model, _ = fast_patch_api()
             self.patch_report = patch_model(self.model, backend=self.backend)
             self.state = "hf-fast"
+            if impl == "graph":
+                import gemma4_fast
+                gemma4_fast.enable_prefill_graphs(self.model)
+                self.graphs_on = self.model
         else:
             set_attn(self.model, impl)
         return self.model
@@ -271,6 +283,9 @@ class ModelCase:
         import gemma4_fast
         gemma4_fast.enable_fast_kernels(self.bridge_obj, True, backend=self.backend)
         self.state = "bridge-fast"
+        if impl == "graph":
+            gemma4_fast.enable_prefill_graphs(self.bridge_obj)
+            self.graphs_on = self.bridge_obj
         return self.bridge_obj
 
     def fast_summary(self, kind: str) -> str:
@@ -363,9 +378,10 @@ def make_work(case: ModelCase, what: str, S: int, impl: str) -> Work:
         model = case.hf(impl)
         full = what == "hf_forward_full_logits"
         kw: dict[str, Any] = {"use_cache": False} if full else {"use_cache": False, "logits_to_keep": 1}
-        fields["impl_detail"] = (f"HF attn={model.config._attn_implementation}, experts={case.experts}"
-                                 if impl != "fast" else f"patch_model(backend={case.backend})")
-        if impl == "fast":
+        fields["impl_detail"] = {"fast": f"patch_model(backend={case.backend})",
+                                 "graph": f"patch_model(backend={case.backend}) + enable_prefill_graphs"}.get(
+            impl, f"HF attn={model.config._attn_implementation}, experts={case.experts}")
+        if impl in ("fast", "graph"):
             fields["fast_report"] = case.fast_summary("hf")
 
         def fn():
@@ -375,9 +391,10 @@ def make_work(case: ModelCase, what: str, S: int, impl: str) -> Work:
                     check=lambda: keep_and_compare(lambda ids: model(ids, **kw)))
 
     bridge = case.bridge(impl)
-    fields["impl_detail"] = ("TransformerBridge.boot_transformers (eager)" if impl == "seed"
-                             else f"enable_fast_kernels(bridge, backend={case.backend})")
-    if impl == "fast":
+    fields["impl_detail"] = {"seed": "TransformerBridge.boot_transformers (eager)",
+                             "graph": f"enable_fast_kernels(bridge, backend={case.backend}) + enable_prefill_graphs"
+                             }.get(impl, f"enable_fast_kernels(bridge, backend={case.backend})")
+    if impl in ("fast", "graph"):
         fields["fast_report"] = case.fast_summary("bridge")
     flops = case.flops(S, S)
 
@@ -480,11 +497,13 @@ def _free_between_items():
 def params(what: str) -> list[Any]:
     """pytest params (model, S, impl) of one workload, model-major, impls side by side per size."""
     kind = "bridge" if what.startswith("bridge") else "hf"
-    impls = IMPLS[kind] + (("graph",) if what == "hf_generate" else ())
+    impls = IMPLS[kind] + (("graph",) if what in GRAPH_VARIANTS else ())
     out = []
     for model in MODEL_ORDER:
         for S in PLAN[what].get(model, []):
             for impl in impls:
+                if impl == "graph" and what != "hf_generate" and S > CHECK_MAX_S:
+                    continue  # prefill graphs keep their memory pool; the longest sizes are timed without them
                 out.append(pytest.param(model, S, impl, id=f"{model}-S{S}-{impl}", marks=pytest.mark.model(model)))
     if not out:
         plan = "quick" if QUICK else "full"

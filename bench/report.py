@@ -47,6 +47,9 @@ WORKLOADS = {
     "bridge_generate": "generate (prompt+32, 1 hook)",
     "hf_generate": "HF generate (prompt+32)",
     "hf_generate_graph": "gemma4_fast.generate, CUDA-graph decode (prompt+32)",
+    "hf_forward_graph": "HF forward (last logits), prefill graphs",
+    "bridge_forward_graph": "bridge forward, prefill graphs",
+    "bridge_cache_resid_graph": "run_with_cache (resid_post), prefill graphs",
 }
 # impl -> the workload its rows are shown as (beside the same baseline rows), with impl "fast"
 VARIANTS = {"graph": "_graph"}

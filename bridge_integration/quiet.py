@@ -21,7 +21,8 @@ A block is quiet for a call when all of these hold, checked on every call (a few
 
 Blocks whose layer has accelerate hooks (``device_map`` offload or multi-device dispatch) are never made quiet:
 their wrappers move tensors between devices. Everything else, including gradients, is unchanged: the twin runs
-the same modules.
+the same modules. With ``gemma4_fast.graphs.enable_prefill_graphs(bridge)`` a quiet block replays its twin from a
+CUDA graph.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..decode import _INFRASTRUCTURE
 from ..attention import WEIGHTS_VIA_SEAM
+from ..graphs import ATTR as GRAPHS
 from ..hooks import ATTR
 
 _STATE = "_g4f_quiet"
@@ -171,7 +173,8 @@ def _quiet_class(cls: type) -> type:
             return cls.forward(self, *args, **kwargs)
         args, kwargs = self._hook_input_hidden_states(args, kwargs)
         kwargs = plan.kwargs(kwargs, len(args))
-        output = plan.twin(*args, **kwargs)
+        graphs = self.__dict__.get(GRAPHS)
+        output = plan.twin(*args, **kwargs) if graphs is None else graphs(plan.twin, plan.twin, args, kwargs)
         return self._apply_output_hook(output,
                                        force_tuple_for_bare_tensor=self._is_standalone_hidden_state_call(args, kwargs))
 
@@ -211,6 +214,7 @@ def install_quiet_blocks(bridge: Any) -> tuple[list[str], Callable[[], None]]:
     def undo() -> None:
         for block in done:
             block.__dict__.pop(_STATE, None)
+            block.__dict__.pop(GRAPHS, None)
             base = type(block).__dict__.get("_g4f_quiet_base")
             if base is not None:
                 block.__class__ = base

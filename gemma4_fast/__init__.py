@@ -18,6 +18,7 @@ from .bridge_integration import (
     register_adapters,
 )
 from .decode import generate
+from .graphs import disable_prefill_graphs, enable_prefill_graphs
 from .models import build_model, build_model_split, load_model, offline_tokenizer
 from .patch import PatchReport, is_patched, patch_model, unpatch_model
 from .presets import PRESETS, get_preset
@@ -28,6 +29,6 @@ register_adapters()
 install_boot_flag()
 
 __all__ = ["boot_transformers", "enable_fast_kernels", "disable_fast_kernels", "FastKernelsReport",
-           "FastKernelsUnavailable", "generate", "patch_model", "unpatch_model", "is_patched", "PatchReport",
+           "FastKernelsUnavailable", "generate", "enable_prefill_graphs", "disable_prefill_graphs", "patch_model", "unpatch_model", "is_patched", "PatchReport",
            "register", "build_model", "build_model_split", "load_model", "offline_tokenizer", "PRESETS",
            "get_preset"]

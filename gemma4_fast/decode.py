@@ -284,13 +284,19 @@ class _LayerGraph:
         self.attn = _layer_attention(layer)
         self.forward = layer.forward
         self.graph = None
+        self.previous = None
 
     def install(self) -> None:
+        self.previous = self.layer.__dict__.get("forward")
         self.layer.__dict__["forward"] = self
 
     def remove(self) -> None:
+        """Restore the layer's own ``forward`` (or the instance wrapper it had, e.g. prefill graphs)."""
         if self.layer.__dict__.get("forward") is self:
-            del self.layer.__dict__["forward"]
+            if self.previous is None:
+                del self.layer.__dict__["forward"]
+            else:
+                self.layer.__dict__["forward"] = self.previous
 
     def _pe(self, pe):
         kind = getattr(self.attn, "layer_type", None)

@@ -1,0 +1,355 @@
+"""Opt-in CUDA graphs for repeated prefill forwards: each decoder layer call is captured once per input signature
+and replayed.
+
+Why: below ~4k tokens a Gemma 4 forward on a GPU is host-bound (Python in HF, TransformerLens and the op wrappers:
+tens of milliseconds per E2B forward against a few of GPU work). Interpretability workloads run the same shapes
+again and again (fixed-length batches, patching sweeps), so replaying a captured layer removes that host time.
+
+Scope and rules:
+
+- Only prefill decoder-layer calls: no KV cache, or an HF ``DynamicCache`` still empty at the layer (what a plain
+  forward creates; the captured layer records its cache update and applies it to the call's cache after each
+  replay), on CUDA, with no autograd graph to record, outside any other capture (plain forwards,
+  ``run_with_cache``, ``run_with_hooks`` with hooks outside the layer). Everything around the layers (embeddings, masks, final norm, LM head) stays eager, and so does any
+  layer whose call is not eligible (a hook inside a bridge block, a cache, gradients).
+- Per layer and signature (shapes, dtypes and devices of the tensor arguments, the values of the other
+  arguments): the first call runs eagerly (it compiles and tunes the kernels), the second captures and replays,
+  later calls copy their inputs into the captured buffers and replay. A capture that fails (a host sync inside
+  the layer, an unsupported argument) leaves that layer and signature eager, logged once.
+- Outputs are cloned, so a hook or a cache that keeps a layer output never sees it overwritten by a later replay.
+- KV sharing (E2B/E4B): a layer that stores keys/values for later layers republishes its captured buffers in the
+  call's ``shared_kv_states`` after each replay; a layer that reads them replays only when the dict holds exactly
+  the buffers it was captured against (else it runs eagerly).
+- Memory: each signature keeps one memory pool (the largest layer's temporaries plus every layer's captured inputs
+  and outputs); at most ``max_signatures`` signatures are kept, the least recently used is dropped.
+
+``enable_prefill_graphs(model_or_bridge)`` / ``disable_prefill_graphs(...)``. On a TransformerBridge with fast
+kernels on, quiet blocks (``bridge_integration.quiet``) replay their layer; on a patched HF model every text decoder
+layer does.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("gemma4_fast")
+
+ATTR = "_g4f_prefill_graphs"
+_STATIC = "_g4f_graph_signature"
+_SHARED = "shared_kv_states"
+_CACHE = "past_key_values"
+
+
+class _Emulated:
+    """CPU stand-in for a captured graph (tests of the plumbing): ``replay`` re-runs the recorded call on the static
+    inputs and copies its results into the capture's outputs and published tensors, as a replay overwrites them."""
+
+    def __init__(self) -> None:
+        self.run: Optional[Callable[[], list[torch.Tensor]]] = None
+        self.targets: list[torch.Tensor] = []
+
+    def replay(self) -> None:
+        for dst, src in zip(self.targets, self.run()):
+            dst.copy_(src)
+
+
+def _flat(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flat(v)]
+    return []
+
+
+def _signature(value: Any) -> Any:
+    """A hashable description of one argument, or raise TypeError when it cannot be replayed."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__,) + tuple(_signature(v) for v in value)
+    raise TypeError(type(value).__name__)
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    for d, s in zip(_flat(dst), _flat(src)):
+        if d is not s:
+            d.copy_(s)
+
+
+class _RecordingCache:
+    """Stands in for a fresh ``DynamicCache`` while a layer is captured: ``update`` returns the new keys/values (what
+    an empty dynamic layer returns) and records the call; after each replay the recorded updates are applied to the
+    call's real cache with the replayed tensors (cloned)."""
+
+    layers = ()
+
+    def __init__(self) -> None:
+        self.updates: list[tuple] = []
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        self.updates.append((key_states, value_states, layer_idx, args, kwargs))
+        return key_states, value_states
+
+
+def _fresh_dynamic(cache: Any, layer_idx: Optional[int]) -> bool:
+    """Whether ``cache`` is an HF ``DynamicCache`` whose layer ``layer_idx`` holds nothing yet (a prefill that fills
+    it), so a captured layer can record its update and replay it onto the cache."""
+    if type(cache).__name__ != "DynamicCache" or layer_idx is None:
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return False
+    if layer_idx >= len(layers):
+        return True
+    layer = layers[layer_idx]
+    if not hasattr(layer, "get_seq_length"):  # KV-shared layers hold a placeholder and never update the cache
+        return True
+    return not getattr(layer, "is_initialized", True) or layer.get_seq_length() == 0
+
+
+class _Entry:
+    """One layer and signature: warm-up count, then the graph with its static inputs/outputs."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failed = False
+        self.graph: Any = None
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+        self.out: Any = None
+        self.published: dict[str, Any] = {}
+        self.consumed: dict[str, Any] = {}
+        self.recorder: Optional[_RecordingCache] = None
+
+
+class PrefillGraphs:
+    """The captured layer graphs of one model (see the module docstring)."""
+
+    #: CPU tests: emulate capture/replay (``_Emulated``) instead of CUDA graphs.
+    emulate = False
+
+    def __init__(self, max_signatures: int = 2) -> None:
+        if max_signatures < 1:
+            raise ValueError(f"max_signatures must be >= 1, got {max_signatures}")
+        self.max_signatures = max_signatures
+        self.pools: OrderedDict[Any, Any] = OrderedDict()
+        self.entries: dict[tuple[int, Any], _Entry] = {}
+        self.cache_index: dict[int, Optional[int]] = {}
+        self.replays = 0
+
+    def clear(self) -> None:
+        self.pools.clear()
+        self.entries.clear()
+
+    def _layer_index(self, layer: nn.Module) -> Optional[int]:
+        idx = self.cache_index.get(id(layer), -1)
+        if idx == -1:
+            attn = next((m for m in layer.modules() if hasattr(m, "is_kv_shared_layer")), None)
+            idx = self.cache_index[id(layer)] = getattr(attn, "layer_idx", None)
+        return idx
+
+    def _eligible(self, layer: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+        """The call's signature, or None when it must run eagerly."""
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not _fresh_dynamic(cache, self._layer_index(layer)):
+            return None
+        device = args[0].device
+        if device.type != "cuda" and not self.emulate:
+            return None
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if torch.is_grad_enabled() and (args[0].requires_grad or any(p.requires_grad for p in layer.parameters())):
+            return None
+        try:
+            return (_signature(args),
+                    tuple(sorted((k, "D" if k in (_SHARED, _CACHE) else _signature(v)) for k, v in kwargs.items())))
+        except TypeError:
+            return None
+
+    def _pool(self, sig: Any) -> Any:
+        """The memory pool of the forward shape ``sig`` (least recently used signatures dropped)."""
+        if sig in self.pools:
+            self.pools.move_to_end(sig)
+            return self.pools[sig]
+        while len(self.pools) >= self.max_signatures:
+            old, _ = self.pools.popitem(last=False)
+            for key in [k for k in self.entries if k[1][0] == old]:
+                del self.entries[key]
+        self.pools[sig] = None if self.emulate else torch.cuda.graph_pool_handle()
+        return self.pools[sig]
+
+    def __call__(self, layer: nn.Module, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Run ``fn(*args, **kwargs)`` (one call of decoder layer ``layer``), through a graph when eligible."""
+        call_sig = self._eligible(layer, args, kwargs)
+        if call_sig is None:
+            return fn(*args, **kwargs)
+        fwd_sig = _signature(args[0])
+        pool = self._pool(fwd_sig)
+        key = (id(layer), (fwd_sig, call_sig))
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = _Entry()
+        shared = kwargs.get(_SHARED)
+        if entry.graph is None:
+            entry.calls += 1
+            if entry.failed or entry.calls < 2 or not self._static_shared(shared, fwd_sig):
+                return fn(*args, **kwargs)
+            return self._capture(entry, layer, fn, args, kwargs, shared, pool, fwd_sig)
+        if any(shared is None or shared.get(k) is not v for k, v in entry.consumed.items()):
+            return fn(*args, **kwargs)
+        _copy_into(entry.args, args)
+        for k, v in entry.kwargs.items():
+            _copy_into(v, kwargs[k])
+        entry.graph.replay()
+        self.replays += 1
+        if shared is not None:
+            shared.update(entry.published)
+        if entry.recorder is not None and kwargs.get(_CACHE) is not None:
+            for key_states, value_states, idx, a, kw in entry.recorder.updates:
+                kwargs[_CACHE].update(key_states.clone(), value_states.clone(), idx, *a, **kw)
+        return _clone(entry.out)
+
+    @staticmethod
+    def _static_shared(shared: Optional[dict], fwd_sig: Any) -> bool:
+        """Whether every tensor in ``shared_kv_states`` is a captured buffer of this forward shape."""
+        return shared is None or all(getattr(t, _STATIC, None) == fwd_sig for t in _flat(list(shared.values())))
+
+    def _capture(self, entry: _Entry, layer: nn.Module, fn, args, kwargs, shared, pool, fwd_sig) -> Any:
+        entry.args = _clone(args)
+        statics = {k: _clone(v) for k, v in kwargs.items() if k not in (_SHARED, _CACHE)}
+        before = dict(shared) if shared is not None else {}
+        real_cache = kwargs.get(_CACHE)
+        recorder = None if real_cache is None else _RecordingCache()
+        extra = {} if recorder is None else {_CACHE: recorder}
+
+        def call(kv: Optional[dict]) -> Any:
+            if recorder is not None:
+                recorder.updates.clear()
+            return fn(*entry.args, **statics, **extra, **({} if shared is None else {_SHARED: kv}))
+
+        try:
+            if self.emulate:
+                graph = _Emulated()
+                out = call(shared)
+            else:
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = call(shared)
+        except Exception as exc:  # a host sync or an unsupported op inside the layer: stay eager
+            entry.failed = True
+            if shared is not None:
+                shared.clear()
+                shared.update(before)
+            logger.warning("prefill graphs: %s stays eager for input %s (capture failed: %s)",
+                           type(layer).__name__, tuple(args[0].shape), exc)
+            return fn(*args, **kwargs)
+        entry.kwargs, entry.out, entry.consumed, entry.recorder = statics, out, before, recorder
+        entry.published = {k: v for k, v in (shared or {}).items() if before.get(k) is not v}
+        for t in _flat(out) + _flat(list(entry.published.values())):
+            setattr(t, _STATIC, fwd_sig)
+        if self.emulate:
+            def run() -> list[torch.Tensor]:
+                scratch = dict(entry.consumed)
+                res = call(scratch)
+                return _flat(res) + [t for k in entry.published for t in _flat(scratch[k])]
+            graph.run = run
+            graph.targets = _flat(out) + _flat(list(entry.published.values()))
+        entry.graph = graph
+        graph.replay()
+        self.replays += 1
+        if recorder is not None:
+            for key_states, value_states, idx, a, kw in recorder.updates:
+                real_cache.update(key_states.clone(), value_states.clone(), idx, *a, **kw)
+        return _clone(out)
+
+
+def _hf_model(obj: Any) -> nn.Module:
+    return obj.original_model if hasattr(obj, "original_model") and hasattr(obj, "hook_dict") else obj
+
+
+def _is_bridge(obj: Any) -> bool:
+    return hasattr(obj, "hook_dict") and hasattr(obj, "blocks")
+
+
+def enable_prefill_graphs(obj: Any, max_signatures: int = 2) -> PrefillGraphs:
+    """Replay decoder-layer prefill calls of ``obj`` from CUDA graphs (see the module docstring).
+
+    Args:
+        obj: a TransformerBridge with fast kernels on (its quiet blocks replay), or an HF Gemma 4 model patched with
+            ``patch_model`` (every text decoder layer replays).
+        max_signatures: how many forward shapes keep their graphs (each holds one memory pool).
+    Returns:
+        the ``PrefillGraphs`` object (``.replays`` counts layer replays; ``.clear()`` frees every graph).
+    """
+    graphs = PrefillGraphs(max_signatures)
+    if _is_bridge(obj):
+        from .bridge_integration.fast import fast_kernels_report
+
+        if not fast_kernels_report(obj).enabled:
+            raise ValueError("prefill graphs on a TransformerBridge need fast kernels on (enable_fast_kernels)")
+        disable_prefill_graphs(obj)
+        obj.__dict__[ATTR] = graphs
+        for block in obj.blocks:
+            block.__dict__[ATTR] = graphs
+        return graphs
+    from .decode import _text_layers
+    from .patch import is_patched
+
+    model = _hf_model(obj)
+    if not is_patched(model):
+        raise ValueError("prefill graphs need a model patched with gemma4_fast.patch_model")
+    disable_prefill_graphs(model)
+    model.__dict__[ATTR] = graphs
+    for layer in _text_layers(model):
+        plain = type(layer).forward.__get__(layer)
+
+        def forward(*args, _layer=layer, _plain=plain, **kwargs):
+            return graphs(_layer, _plain, args, kwargs)
+        forward._g4f_prefill = True  # type: ignore[attr-defined]
+        layer.__dict__["forward"] = forward
+    return graphs
+
+
+def disable_prefill_graphs(obj: Any) -> None:
+    """Drop the prefill graphs of ``obj`` (bridge or patched model) and restore plain layer calls."""
+    graphs = obj.__dict__.pop(ATTR, None)
+    if graphs is not None:
+        graphs.clear()
+    if _is_bridge(obj):
+        for block in obj.blocks:
+            block.__dict__.pop(ATTR, None)
+        return
+    from .decode import _text_layers
+
+    try:
+        layers = _text_layers(obj)
+    except ValueError:
+        return
+    for layer in layers:
+        fwd = layer.__dict__.get("forward")
+        if getattr(fwd, "_g4f_prefill", False):
+            del layer.__dict__["forward"]
+
+
+def prefill_graphs(obj: Any) -> Optional[PrefillGraphs]:
+    """The ``PrefillGraphs`` enabled on ``obj`` (bridge or model), or None."""
+    return obj.__dict__.get(ATTR)

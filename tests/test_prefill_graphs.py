@@ -1,0 +1,148 @@
+"""gemma4_fast.graphs: per-layer prefill graphs, checked on the CPU by emulation (capture records the call, replay
+re-runs it on the captured input buffers and copies into the captured outputs), so the plumbing (input copies,
+output clones, KV-sharing republication, eligibility, eviction) is tested without a GPU. The CUDA variant runs real
+graphs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma4_fast import boot_transformers, disable_prefill_graphs, enable_prefill_graphs, patch_model
+from gemma4_fast.graphs import PrefillGraphs
+from gemma4_fast.models import build_model, offline_tokenizer
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(PrefillGraphs, "emulate", True)
+
+
+def _ids(seed, n=17, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 260, (batch, n), generator=g)
+    ids[:, 0] = 2
+    return ids
+
+
+@pytest.mark.parametrize("name", ["tiny-ple-kv-shared", "tiny-moe"])
+def test_patched_model_replays_every_layer_and_matches_eager(name, emulated):
+    ref = build_model(name)
+    model = build_model(name)
+    patch_model(model, backend="torch")
+    graphs = enable_prefill_graphs(model)
+    n_layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        for call, seed in enumerate((0, 1, 2, 3)):
+            ids = _ids(seed)
+            out = model(ids, use_cache=False).logits
+            torch.testing.assert_close(out, ref(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+            assert graphs.replays == max(0, call) * n_layers
+    disable_prefill_graphs(model)
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)
+
+
+def test_kept_outputs_are_not_overwritten_and_shapes_evict(emulated):
+    model = build_model("tiny-ple-kv-shared")
+    patch_model(model, backend="torch")
+    graphs = enable_prefill_graphs(model, max_signatures=1)
+    kept = []
+    handle = model.model.layers[3].register_forward_hook(lambda m, a, o: kept.append(o))
+    with torch.no_grad():
+        for seed in range(3):
+            model(_ids(seed), use_cache=False)
+        snapshot = [t.clone() for t in kept]
+        model(_ids(9), use_cache=False)
+    handle.remove()
+    for t, s in zip(kept, snapshot):
+        assert torch.equal(t, s)
+    assert not torch.equal(kept[0], kept[1])
+    before = len(graphs.entries)
+    with torch.no_grad():
+        model(_ids(0, n=11), use_cache=False)
+    assert len(graphs.pools) == 1 and len(graphs.entries) <= before
+
+
+def test_fresh_dynamic_cache_is_filled_and_later_steps_stay_eager(emulated):
+    ref = build_model("tiny-ple-kv-shared")
+    model = build_model("tiny-ple-kv-shared")
+    patch_model(model, backend="torch")
+    graphs = enable_prefill_graphs(model)
+    n_layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        for seed in range(3):
+            ids = _ids(seed)
+            out = model(ids, use_cache=True)
+            expected = ref(ids, use_cache=True)
+        assert graphs.replays == 2 * n_layers
+        torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
+        got, want = out.past_key_values, expected.past_key_values
+        assert len(got.layers) == len(want.layers)
+        for a, b in zip(got.layers, want.layers):
+            torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
+        nxt = torch.full((2, 1), 7)
+        step = model(nxt, past_key_values=got, use_cache=True).logits
+        torch.testing.assert_close(step, ref(nxt, past_key_values=want, use_cache=True).logits, rtol=1e-4, atol=1e-4)
+    assert graphs.replays == 2 * n_layers
+
+
+def test_calls_that_may_need_gradients_stay_eager(emulated):
+    model = build_model("tiny-dense-k-eq-v")
+    patch_model(model, backend="torch")
+    graphs = enable_prefill_graphs(model)
+    ids = _ids(0)
+    for _ in range(3):
+        model(ids, use_cache=False).logits.sum().backward()
+    assert graphs.replays == 0
+
+
+def test_bridge_quiet_blocks_replay(emulated):
+    tok = offline_tokenizer()
+    name = "tiny-ple-kv-shared"
+    bridge = boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
+                               fast_backend="torch")
+    ref = boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
+                            fast_backend="torch")
+    graphs = enable_prefill_graphs(bridge)
+
+    def resid(n):
+        return n.endswith("hook_resid_post")
+
+    caches = []
+    with torch.no_grad():
+        for seed in range(3):
+            ids = _ids(seed)
+            logits, cache = bridge.run_with_cache(ids, names_filter=resid)
+            ref_logits, ref_cache = ref.run_with_cache(ids, names_filter=resid)
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+            for key in ref_cache.keys():
+                torch.testing.assert_close(cache[key], ref_cache[key], rtol=1e-4, atol=1e-4)
+            caches.append((cache, ref_cache))
+        assert graphs.replays == 2 * len(bridge.blocks)
+        first, first_ref = caches[0]
+        for key in first_ref.keys():
+            torch.testing.assert_close(first[key], first_ref[key], rtol=1e-4, atol=1e-4)
+        seen = []
+        for _ in range(2):
+            replays = graphs.replays
+            bridge.run_with_hooks(_ids(1), fwd_hooks=[("blocks.6.attn.hook_pattern", lambda t, hook: seen.append(t))])
+    assert len(seen) == 2 and graphs.replays == replays + len(bridge.blocks) - 1
+    disable_prefill_graphs(bridge)
+    assert not any("_g4f_prefill_graphs" in b.__dict__ for b in bridge.blocks)
+
+
+@pytest.mark.cuda
+def test_cuda_prefill_graphs_match_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    name = "tiny-ple-kv-shared"
+    ref = build_model(name, device="cuda")
+    model = build_model(name, device="cuda")
+    patch_model(model, backend="triton")
+    graphs = enable_prefill_graphs(model)
+    with torch.no_grad():
+        for seed in range(4):
+            ids = _ids(seed).cuda()
+            torch.testing.assert_close(model(ids, use_cache=False).logits, ref(ids, use_cache=False).logits,
+                                       rtol=1e-3, atol=1e-3)
+    assert graphs.replays == 3 * model.config.num_hidden_layers
