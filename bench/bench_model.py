@@ -351,7 +351,14 @@ def make_work(case: ModelCase, what: str, S: int, impl: str) -> Work:
             last = _last_logits(run(sets[0]))
         case.last_logits[(*key, impl)] = last
         ref = case.last_logits.get((*key, baseline))
-        return {"max_rel_diff": _rel_diff(last, ref)} if impl != baseline and ref is not None else {}
+        out = {"max_rel_diff": _rel_diff(last, ref)} if impl != baseline and ref is not None else {}
+        if case.graphs_on is not None:
+            import gemma4_fast
+            graphs = gemma4_fast.graphs.prefill_graphs(case.graphs_on)
+            entries = list(graphs.entries.values()) if graphs is not None else []
+            out.update(graph_layers=sum(e.graph is not None for e in entries),
+                       graph_capture_failures=sum(e.failed for e in entries))
+        return out
 
     if what == "hf_generate":
         model = case.hf("fast" if impl == "graph" else impl)

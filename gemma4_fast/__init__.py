@@ -29,6 +29,6 @@ register_adapters()
 install_boot_flag()
 
 __all__ = ["boot_transformers", "enable_fast_kernels", "disable_fast_kernels", "FastKernelsReport",
-           "FastKernelsUnavailable", "generate", "enable_prefill_graphs", "disable_prefill_graphs", "patch_model", "unpatch_model", "is_patched", "PatchReport",
-           "register", "build_model", "build_model_split", "load_model", "offline_tokenizer", "PRESETS",
-           "get_preset"]
+           "FastKernelsUnavailable", "generate", "enable_prefill_graphs", "disable_prefill_graphs", "patch_model",
+           "unpatch_model", "is_patched", "PatchReport", "register", "build_model", "build_model_split", "load_model",
+           "offline_tokenizer", "PRESETS", "get_preset"]

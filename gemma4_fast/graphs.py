@@ -12,8 +12,8 @@ Scope and rules:
   replay), on CUDA, with no autograd graph to record, outside any other capture (plain forwards,
   ``run_with_cache``, ``run_with_hooks`` with hooks outside the layer). Everything around the layers (embeddings, masks, final norm, LM head) stays eager, and so does any
   layer whose call is not eligible (a hook inside a bridge block, a cache, gradients).
-- Per layer and signature (shapes, dtypes and devices of the tensor arguments, the values of the other
-  arguments): the first call runs eagerly (it compiles and tunes the kernels), the second captures and replays,
+- Per layer and signature (shapes, contiguity, dtypes and devices of the tensor arguments, the values of the
+  other arguments): the first call runs eagerly (it compiles and tunes the kernels), the second captures and replays,
   later calls copy their inputs into the captured buffers and replay. A capture that fails (a host sync inside
   the layer, an unsupported argument) leaves that layer and signature eager, logged once.
 - Outputs are cloned, so a hook or a cache that keeps a layer output never sees it overwritten by a later replay.
@@ -30,6 +30,7 @@ layer does.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
@@ -68,7 +69,7 @@ def _flat(value: Any) -> list[torch.Tensor]:
 def _signature(value: Any) -> Any:
     """A hashable description of one argument, or raise TypeError when it cannot be replayed."""
     if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
+        return ("T", tuple(value.shape), value.is_contiguous(), value.dtype, value.device)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (tuple, list)):
@@ -152,6 +153,8 @@ class PrefillGraphs:
         self.entries: dict[tuple[int, Any], _Entry] = {}
         self.cache_index: dict[int, Optional[int]] = {}
         self.replays = 0
+        self._forward: Optional[Callable[[], Any]] = None
+        self._forward_sig: Any = None
 
     def clear(self) -> None:
         self.pools.clear()
@@ -201,7 +204,7 @@ class PrefillGraphs:
         call_sig = self._eligible(layer, args, kwargs)
         if call_sig is None:
             return fn(*args, **kwargs)
-        fwd_sig = _signature(args[0])
+        fwd_sig = self._forward_key(_signature(args[0]), kwargs.get(_SHARED))
         pool = self._pool(fwd_sig)
         key = (id(layer), (fwd_sig, call_sig))
         entry = self.entries.get(key)
@@ -226,6 +229,21 @@ class PrefillGraphs:
             for key_states, value_states, idx, a, kw in entry.recorder.updates:
                 kwargs[_CACHE].update(key_states.clone(), value_states.clone(), idx, *a, **kw)
         return _clone(entry.out)
+
+    def _forward_key(self, sig: Any, shared: Optional[dict]) -> Any:
+        """The signature that groups the layer calls of one forward (one memory pool, one set of captured KV
+        buffers): the hidden-states signature of the first eligible layer call that saw this forward's
+        ``shared_kv_states`` dict (later layers may see fewer positions: HF cuts KV-shared layers to the kept
+        logits)."""
+        if shared is None:
+            return sig
+        if self._forward is None or self._forward() is not shared:
+            try:
+                self._forward = weakref.ref(shared)
+            except TypeError:
+                self._forward = (lambda d: lambda: d)(shared)
+            self._forward_sig = sig
+        return self._forward_sig
 
     @staticmethod
     def _static_shared(shared: Optional[dict], fwd_sig: Any) -> bool:
