@@ -1,11 +1,12 @@
 """Profile one model forward on the GPU: where host and device time go, and any host syncs.
 
-    python bench/profile_forward.py --preset E2B --seq 1024 [--fast] [--mode hf|bridge|cache_resid|decode]
+    python bench/profile_forward.py --preset E2B --seq 1024 [--fast] [--mode hf|bridge|cache_resid|cache_all|decode]
                                     [--sync-trace] [--cprofile N] [--rows 25]
 
 ``--mode hf`` times ``model(ids, use_cache=False, logits_to_keep=1)``; ``bridge`` the TransformerBridge
 forward (seed, or with ``enable_fast_kernels`` when ``--fast``); ``cache_resid`` the bridge's ``run_with_cache``
-of every ``hook_resid_post``; ``decode`` one greedy decode step with a dynamic cache after a prompt of ``--seq``
+of every ``hook_resid_post``; ``cache_all`` its ``run_with_cache`` of every hook; ``decode`` one greedy decode
+step with a dynamic cache after a prompt of ``--seq``
 tokens. Prints the wall time per call, the GPU time of one call
 (profiler), the number of device-to-host syncs, the top ops by self CPU and self CUDA time; ``--sync-trace``
 adds where each distinct sync comes from (``torch.cuda.set_sync_debug_mode``) and ``--cprofile N`` the N
@@ -81,6 +82,8 @@ def _build_call(args, model, tok, s: int) -> Callable[[], Any]:
     bridge = _bridge(args, model, tok)
     if args.mode == "cache_resid":
         return lambda: bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))
+    if args.mode == "cache_all":
+        return lambda: bridge.run_with_cache(ids)
     return lambda: bridge(ids, return_type="logits")
 
 
@@ -106,7 +109,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--fast", action="store_true")
-    ap.add_argument("--mode", choices=("hf", "bridge", "cache_resid", "decode"), default="hf")
+    ap.add_argument("--mode", choices=("hf", "bridge", "cache_resid", "cache_all", "decode"), default="hf")
     ap.add_argument("--sync-trace", action="store_true")
     ap.add_argument("--cprofile", type=int, default=0)
     ap.add_argument("--rows", type=int, default=25)
