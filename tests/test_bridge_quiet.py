@@ -167,3 +167,27 @@ def test_stop_at_layer_and_disable(tok, wrapped_calls):
     with torch.no_grad():
         fast(ids)
     assert _blocks_of(fast, wrapped_calls) == list(range(len(fast.blocks)))
+
+
+def test_gc_paused_during_bridge_calls_and_restored(tok):
+    import gc
+
+    fast = _fast("tiny-moe", tok)
+    seen = []
+
+    def probe(t, hook):
+        seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    with torch.no_grad():
+        fast.run_with_cache(_ids(), names_filter=lambda n: n == "blocks.1.hook_resid_post")
+        fast.run_with_hooks(_ids(), fwd_hooks=[("blocks.1.hook_resid_post", probe)])
+        fast.blocks[1].hook_out.add_hook(probe)
+        fast(_ids())
+        fast.reset_hooks()
+    assert seen == [False, False] and gc.isenabled()
+    disable_fast_kernels(fast)
+    with torch.no_grad():
+        fast.run_with_hooks(_ids(), fwd_hooks=[("blocks.1.hook_resid_post", probe)])
+    assert seen == [False, False, True]
+    assert not any(n in fast.__dict__ for n in ("forward", "run_with_cache", "run_with_hooks"))
