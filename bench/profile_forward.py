@@ -118,7 +118,7 @@ def main() -> None:
     import gemma4_fast
     from gemma4_fast.models import build_model, offline_tokenizer
 
-    on_bridge = args.mode in ("bridge", "cache_resid")
+    on_bridge = args.mode in ("bridge", "cache_resid", "cache_all")
     attn = "eager" if on_bridge else args.attn
     model = build_model(args.preset, torch.bfloat16, "cuda", attn_implementation=attn,
                         experts_implementation="grouped_mm", num_hidden_layers=args.layers)
