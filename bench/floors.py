@@ -21,7 +21,8 @@ output's shape (HF then builds no mask at all) and records each layer's query/ke
 query rows each layer really ran; the counter therefore sees no attention core to exclude (any
 attention-kernel entries it did report would be dropped). What the counter sees follows HF exactly:
 KV-shared layers (E2B/E4B ``num_kv_shared_layers``) have no k/v projections, and with ``--logits last``
-HF runs the KV-shared layers on the last position only (``_maybe_slice_kv_shared_inputs``), so their
+HF runs the KV-shared layers on the last position only (``_maybe_slice_kv_shared_inputs``, transformers >= 5.23;
+5.17 runs them on every position), so their
 projections, MLPs and attention cost one row each.
 
 MoE experts (26B-A4B). HF's ``eager`` experts loop needs ``nonzero()`` (fails on meta) and
