@@ -27,6 +27,10 @@ def _fast(name, tok):
                              fast_backend="torch")
 
 
+def _seed(name, tok):
+    return TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu")
+
+
 @pytest.fixture
 def wrapped_calls(monkeypatch):
     """The LinearBridge components (projections inside blocks) whose wrapper ran."""
@@ -77,7 +81,7 @@ def test_quiet_blocks_skip_wrappers_and_match_the_wrapped_path(name, tok, wrappe
 
 def test_residual_hooks_stay_quiet_and_match_the_seed(tok, wrapped_calls):
     name = "tiny-ple-kv-shared"
-    seed = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu")
+    seed = _seed(name, tok)
     fast = _fast(name, tok)
     ids = _ids()
 
@@ -153,7 +157,7 @@ def test_a_replaced_module_rebuilds_the_twin(tok):
 
 def test_stop_at_layer_and_disable(tok, wrapped_calls):
     name = "tiny-moe"
-    seed = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu")
+    seed = _seed(name, tok)
     fast = _fast(name, tok)
     ids = _ids()
     base = {type(b) for b in seed.blocks}
