@@ -17,6 +17,9 @@ Scope and rules:
   later calls copy their inputs into the captured buffers and replay. A capture that fails (a host sync inside
   the layer, an unsupported argument) leaves that layer and signature eager, logged once.
 - Outputs are cloned, so a hook or a cache that keeps a layer output never sees it overwritten by a later replay.
+- A graph is dropped (and the layer re-captured after a new warm-up) when a parameter it reads was replaced or moved
+  to other storage; replacing a submodule of an HF layer after enabling needs ``disable``/``enable`` again (bridge
+  blocks rebuild their twin themselves).
 - KV sharing (E2B/E4B): a layer that stores keys/values for later layers republishes its captured buffers in the
   call's ``shared_kv_states`` after each replay; a layer that reads them replays only when the dict holds exactly
   the buffers it was captured against (else it runs eagerly).
@@ -137,6 +140,12 @@ class _Entry:
         self.published: dict[str, Any] = {}
         self.consumed: dict[str, Any] = {}
         self.recorder: Optional[_RecordingCache] = None
+        self.param_dicts: list[dict] = []
+        self.params: tuple = ()
+
+    def weights(self) -> tuple:
+        """Identity and storage of every parameter the graph reads (a replaced or moved weight invalidates it)."""
+        return tuple((id(p), p.data_ptr()) for d in self.param_dicts for p in d.values() if p is not None)
 
 
 class PrefillGraphs:
@@ -218,6 +227,9 @@ class PrefillGraphs:
             return self._capture(entry, layer, fn, args, kwargs, shared, pool, fwd_sig)
         if any(shared is None or shared.get(k) is not v for k, v in entry.consumed.items()):
             return fn(*args, **kwargs)
+        if entry.weights() != entry.params:
+            del self.entries[key]
+            return fn(*args, **kwargs)
         _copy_into(entry.args, args)
         for k, v in entry.kwargs.items():
             _copy_into(v, kwargs[k])
@@ -281,6 +293,8 @@ class PrefillGraphs:
                            type(layer).__name__, tuple(args[0].shape), exc)
             return fn(*args, **kwargs)
         entry.kwargs, entry.out, entry.consumed, entry.recorder = statics, out, before, recorder
+        entry.param_dicts = [m._parameters for m in layer.modules()]
+        entry.params = entry.weights()
         entry.published = {k: v for k, v in (shared or {}).items() if before.get(k) is not v}
         for t in _flat(out) + _flat(list(entry.published.values())):
             setattr(t, _STATIC, fwd_sig)

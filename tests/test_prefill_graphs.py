@@ -44,6 +44,24 @@ def test_patched_model_replays_every_layer_and_matches_eager(name, keep, emulate
     assert not any("forward" in layer.__dict__ for layer in model.model.layers)
 
 
+def test_a_replaced_weight_drops_the_graph(emulated):
+    ref = build_model("tiny-moe")
+    model = build_model("tiny-moe")
+    patch_model(model, backend="torch")
+    graphs = enable_prefill_graphs(model)
+    ids = _ids(0)
+    with torch.no_grad():
+        for _ in range(3):
+            model(ids, use_cache=False)
+        new = torch.nn.Parameter(torch.randn_like(model.model.layers[2].self_attn.o_proj.weight))
+        model.model.layers[2].self_attn.o_proj.weight = new
+        ref.model.layers[2].self_attn.o_proj.weight = torch.nn.Parameter(new.detach().clone())
+        replays = graphs.replays
+        out = model(ids, use_cache=False).logits
+    torch.testing.assert_close(out, ref(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    assert graphs.replays == replays + model.config.num_hidden_layers - 1
+
+
 def test_kept_outputs_are_not_overwritten_and_shapes_evict(emulated):
     model = build_model("tiny-ple-kv-shared")
     patch_model(model, backend="torch")
