@@ -201,12 +201,15 @@ def _connect_hooks(bridge: Any) -> tuple[list[str], list[Callable[[], None]]]:
 
 def _mapped(hook: Optional[Callable[[torch.Tensor], torch.Tensor]], into: Callable[[torch.Tensor], torch.Tensor],
             back: Callable[[torch.Tensor], torch.Tensor]):
-    """A seam callable that shows ``hook`` ``into(t)`` and maps its (possibly edited) result ``back``."""
+    """A seam callable that shows ``hook`` ``into(t)`` and maps an edited result ``back``; an unedited one (the
+    same object, or None) returns ``t`` itself, so observing costs no round trip and no rounding."""
     if hook is None:
         return None
 
     def fn(t: torch.Tensor) -> torch.Tensor:
-        return back(hook(into(t)))
+        shown = into(t)
+        out = hook(shown)
+        return t if out is None or out is shown else back(out)
     fn.has_hooks = getattr(hook, "has_hooks", lambda: True)  # type: ignore[attr-defined]
     return fn
 

@@ -5,7 +5,8 @@ maps ``[..., d]`` to ``[..., d]`` in the input dtype with fp32 math and no ``1 +
 
 Seams (``gemma4_fast.hooks``): ``scale`` ``[..., 1]`` fp32 and ``normalized`` ``[..., d]`` fp32. When
 either is active the kernel supplies the per-row scale and the rest runs in torch with
-HookedTransformer's order: ``y = hook_normalized(x_f32 * hook_scale(scale)) * w``, cast to x's dtype.
+HookedTransformer's order: ``y = hook_normalized(x_f32 * hook_scale(scale)) * w``, cast to x's dtype. A hook that
+returns its input unchanged (observes) keeps the kernel's ``y``, which is the same arithmetic in the same order.
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ class FastRMSNormMixin:
             return ops.rms_norm(hidden_states, weight, self.eps, backend=self._g4f_backend)
         res = ops.rms_norm(hidden_states, weight, self.eps, return_scale=True, backend=self._g4f_backend)
         scale = _apply(hook_scale, res.scale)
-        normalized = _apply(hook_normalized, hidden_states.float() * scale)
+        if hook_normalized is None and scale is res.scale:
+            return res.y
+        normed = hidden_states.float() * scale
+        normalized = _apply(hook_normalized, normed)
+        if normalized is normed and scale is res.scale:
+            return res.y  # observed, not edited: the kernel computed (x * scale) * w in this order already
         out = normalized * weight.float() if weight is not None else normalized
         return out.type_as(hidden_states)

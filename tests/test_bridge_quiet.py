@@ -195,3 +195,19 @@ def test_gc_paused_during_bridge_calls_and_restored(tok):
         fast.run_with_hooks(_ids(), fwd_hooks=[("blocks.1.hook_resid_post", probe)])
     assert seen == [False, False, True]
     assert not any(n in fast.__dict__ for n in ("forward", "run_with_cache", "run_with_hooks"))
+
+
+def test_norm_hook_edits_flow_and_observation_changes_nothing(tok):
+    fast = _fast("tiny-dense-k-eq-v", tok)
+    ids = _ids()
+    with torch.no_grad():
+        plain = fast(ids)
+        observed, cache = fast.run_with_cache(ids, names_filter=lambda n: "hook_scale" in n or "hook_normalized" in n)
+        doubled = fast.run_with_hooks(ids, fwd_hooks=[("blocks.2.ln2.hook_scale", lambda t, hook: t * 2)])
+        halved = fast.run_with_hooks(ids, fwd_hooks=[("blocks.2.ln2.hook_normalized", lambda t, hook: t * 0.5)])
+        zeroed = fast.run_with_hooks(ids, fwd_hooks=[("ln_final.hook_normalized", lambda t, hook: t * 0)])
+    assert len(cache.keys()) > 0
+    torch.testing.assert_close(observed, plain, rtol=0, atol=0)
+    assert (doubled - plain).abs().max() > 1e-3
+    torch.testing.assert_close(doubled, halved, rtol=1e-5, atol=1e-5)
+    assert zeroed.abs().max() == 0
