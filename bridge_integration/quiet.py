@@ -16,8 +16,9 @@ A block is quiet for a call when all of these hold, checked on every call (a few
   shape recorders, transformers' output-capturing hooks), and there are no global module hooks;
 - the block is not the ``stop_at_layer`` / ``start_at_layer`` block of the call (the wrapped path stops or
   injects the residual there);
-- the layer's module tree is the one the twin was built from (same children, same classes); otherwise the twin
-  is rebuilt.
+- the layer's module tree is the one the twin was built from (same children, same classes, no ``patch_model`` /
+  ``unpatch_model`` since, same train/eval modes); otherwise the twin is rebuilt. Other attribute changes on the
+  wrapped modules after enabling (e.g. editing ``sliding_window`` by hand) need ``disable`` / ``enable`` again.
 
 Blocks whose layer has accelerate hooks (``device_map`` offload or multi-device dispatch) are never made quiet:
 their wrappers move tensors between devices. Everything else, including gradients, is unchanged: the twin runs
@@ -33,6 +34,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from ..decode import _INFRASTRUCTURE
+from .. import patch
 from ..attention import WEIGHTS_VIA_SEAM
 from ..graphs import ATTR as GRAPHS
 from ..hooks import ATTR
@@ -59,7 +61,7 @@ def _hooked(m: nn.Module) -> bool:
     return not all(_wiring(fn) for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
 
-def _twin(module: nn.Module) -> nn.Module:
+def _twin(module: nn.Module, copies: Optional[list] = None) -> nn.Module:
     """``module`` with every bridge component below it replaced by the HF module it wraps (shallow copies of the
     containers on the way and of modules with seams; other leaves and all parameters shared). Seams
     (``_g4f_hooks``) are dropped from the copies: a quiet block has none active. Attention modules with
@@ -67,8 +69,8 @@ def _twin(module: nn.Module) -> nn.Module:
     ``pattern_fn``), they never return weights for ``output_attentions`` (the bridge sets it in the config)."""
     original = module._modules.get("_original_component")
     if isinstance(original, nn.Module):
-        return _twin(original)
-    children = {k: (None if v is None else _twin(v)) for k, v in module._modules.items()}
+        return _twin(original, copies)
+    children = {k: (None if v is None else _twin(v, copies)) for k, v in module._modules.items()}
     seam = bool(getattr(module, "accepts_pattern_fn", False))
     if all(children[k] is v for k, v in module._modules.items()) and ATTR not in module.__dict__ and not seam:
         return module
@@ -78,6 +80,8 @@ def _twin(module: nn.Module) -> nn.Module:
     twin.__dict__.pop("forward", None)
     if seam:
         twin.__dict__[WEIGHTS_VIA_SEAM] = True
+    if copies is not None:
+        copies.append((module, twin))
     return twin
 
 
@@ -123,14 +127,21 @@ class _Plan:
             for d in _hook_dicts(m):
                 (self.watched.append((d, tuple(d))) if d else self.plain.append(d))
         self.processed = [m for m in self.inner if hasattr(m, "_use_processed_weights")]
-        self.twin = _twin(layer)
+        copies: list[tuple[nn.Module, nn.Module]] = []
+        self.twin = _twin(layer, copies)
+        self.originals = [o for o, _ in copies]
+        self.training = [o.training for o in self.originals]
+        self.generation = patch.GENERATION
         params = list(inspect.signature(layer.forward).parameters.values())
         self.names: Optional[list[str]] = (None if any(p.kind is p.VAR_KEYWORD for p in params)
                                            else [p.name for p in params])
 
     def unchanged(self) -> bool:
-        """No hook added or removed inside since the plan was made, and the same module tree."""
-        return (not any(self.plain) and all(tuple(d) == keys for d, keys in self.watched)
+        """No hook added or removed inside since the plan was made, the same module tree, no patch or unpatch
+        since (a backend change reaches the copied modules only through a rebuild), the same train/eval modes."""
+        return (self.generation == patch.GENERATION and not any(self.plain)
+                and all(tuple(d) == keys for d, keys in self.watched)
+                and [o.training for o in self.originals] == self.training
                 and list(map(dict.get, self.parents, self.names_)) == self.children
                 and list(map(type, self.children)) == self.classes)
 

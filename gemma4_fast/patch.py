@@ -30,6 +30,9 @@ from .registration import NAME, register
 
 _ORIG = "_g4f_orig_class"
 _BACKEND = "_g4f_backend"
+#: Incremented by every ``patch_model`` / ``unpatch_model`` call: anything that copied patched modules (the
+#: bridge's unwrapped twins) rebuilds when it changes.
+GENERATION = 0
 _ATTN = "_g4f_orig_attn_implementation"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _NON_TEXT = ("Vision", "Audio", "MultimodalEmbedder")
@@ -226,8 +229,10 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
 
     Calling it again on a patched model updates the backends (and patches what was left out before).
     """
+    global GENERATION
     ops.check_backend(backend)
     register()
+    GENERATION += 1
     enabled = {"attention": attention, "rms_norm": rms_norm, "router": moe, "experts": moe, "mlp": mlp}
     table = fast_class_map()
     fast_set = set(fast_classes())
@@ -308,6 +313,8 @@ def _set_attn_implementation(attention_modules: list[nn.Module]) -> None:
 def unpatch_model(model: nn.Module) -> int:
     """Undo ``patch_model`` in place: original classes, no ``_g4f_*`` attributes, the config's
     ``_attn_implementation`` as it was. Returns the number of modules restored."""
+    global GENERATION
+    GENERATION += 1
     restored = 0
     for module in model.modules():
         orig = module.__dict__.pop(_ORIG, None)

@@ -211,3 +211,25 @@ def test_norm_hook_edits_flow_and_observation_changes_nothing(tok):
     assert (doubled - plain).abs().max() > 1e-3
     torch.testing.assert_close(doubled, halved, rtol=1e-5, atol=1e-5)
     assert zeroed.abs().max() == 0
+
+
+def test_backend_change_and_train_mode_rebuild_the_twin(tok):
+    from gemma4_fast import patch_model
+
+    fast = _fast("tiny-moe", tok)
+    ids = _ids()
+    with torch.no_grad():
+        fast(ids)
+    twin = fast.blocks[0].__dict__["_g4f_quiet"].twin
+    attn = twin.self_attn
+    assert attn._g4f_backend == "torch"
+    patch_model(fast.original_model, backend="torch")
+    with torch.no_grad():
+        fast(ids)
+    rebuilt = fast.blocks[0].__dict__["_g4f_quiet"].twin
+    assert rebuilt is not twin
+    fast.train()
+    with torch.no_grad():
+        fast(ids)
+    assert fast.blocks[0].__dict__["_g4f_quiet"].twin.training
+    fast.eval()
