@@ -18,7 +18,7 @@ Scope and rules:
   the layer, an unsupported argument) leaves that layer and signature eager, logged once.
 - Outputs are cloned, so a hook or a cache that keeps a layer output never sees it overwritten by a later replay.
 - A graph is dropped (and the layer re-captured after a new warm-up) when a parameter it reads was replaced or moved
-  to other storage; replacing a submodule of an HF layer after enabling needs ``disable``/``enable`` again (bridge
+  to other storage, and every graph after any ``patch_model`` / ``unpatch_model`` call; replacing a submodule of an HF layer after enabling needs ``disable``/``enable`` again (bridge
   blocks rebuild their twin themselves).
 - KV sharing (E2B/E4B): a layer that stores keys/values for later layers republishes its captured buffers in the
   call's ``shared_kv_states`` after each replay; a layer that reads them replays only when the dict holds exactly
@@ -39,6 +39,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+
+from . import patch
 
 logger = logging.getLogger("gemma4_fast")
 
@@ -164,6 +166,7 @@ class PrefillGraphs:
         self.replays = 0
         self._forward: Optional[Callable[[], Any]] = None
         self._forward_sig: Any = None
+        self.generation = patch.GENERATION
 
     def clear(self) -> None:
         self.pools.clear()
@@ -213,6 +216,9 @@ class PrefillGraphs:
         call_sig = self._eligible(layer, args, kwargs)
         if call_sig is None:
             return fn(*args, **kwargs)
+        if self.generation != patch.GENERATION:  # a patch or unpatch since: the graphs ran other module classes
+            self.clear()
+            self.generation = patch.GENERATION
         fwd_sig = self._forward_key(_signature(args[0]), kwargs.get(_SHARED))
         pool = self._pool(fwd_sig)
         key = (id(layer), (fwd_sig, call_sig))

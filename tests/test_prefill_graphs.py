@@ -62,6 +62,24 @@ def test_a_replaced_weight_drops_the_graph(emulated):
     assert graphs.replays == replays + model.config.num_hidden_layers - 1
 
 
+def test_unpatch_drops_the_graphs(emulated):
+    from gemma4_fast import unpatch_model
+
+    ref = build_model("tiny-dense-k-eq-v")
+    model = build_model("tiny-dense-k-eq-v")
+    patch_model(model, backend="torch")
+    graphs = enable_prefill_graphs(model)
+    ids = _ids(0)
+    with torch.no_grad():
+        for _ in range(3):
+            model(ids, use_cache=False)
+        assert graphs.entries
+        unpatch_model(model)
+        out = model(ids, use_cache=False).logits
+    assert all(e.graph is None for e in graphs.entries.values())
+    torch.testing.assert_close(out, ref(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_kept_outputs_are_not_overwritten_and_shapes_evict(emulated):
     model = build_model("tiny-ple-kv-shared")
     patch_model(model, backend="torch")
