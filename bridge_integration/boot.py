@@ -1,7 +1,7 @@
 """``boot_transformers(..., fast_kernels=...)``: TransformerBridge boot with the fast-kernels flag.
 
 ``install_boot_flag()`` (run by ``import gemma4_fast``) makes ``TransformerBridge.boot_transformers`` accept
-the same ``fast_kernels`` / ``fast_backend`` keywords; without them TransformerLens behaves exactly as before.
+the same ``fast_kernels`` / ``fast_backend`` / ``prefill_graphs`` keywords; without them TransformerLens behaves exactly as before.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _attach_report(bridge: Any) -> None:
 
 
 def boot_transformers(model_name: str, *, fast_kernels: bool | str = "auto", fast_backend: str = "auto",
-                      **kwargs: Any):
+                      prefill_graphs: bool | int = False, **kwargs: Any):
     """Boot a TransformerBridge (same arguments as ``TransformerBridge.boot_transformers``: ``hf_model=``,
     ``tokenizer=``, ``device=``, ``dtype=``, ``device_map=`` / ``n_devices=``, ...) and put it on the fast
     kernels.
@@ -38,6 +38,9 @@ def boot_transformers(model_name: str, *, fast_kernels: bool | str = "auto", fas
             ``FastKernelsUnavailable`` when the fast path cannot run; ``False``: the seed behaviour.
         fast_backend: ``"auto"`` | ``"triton"`` | ``"torch"`` — ``"torch"`` runs the fast modules on the
             plain-PyTorch ops (hook semantics on the CPU).
+        prefill_graphs: also ``gemma4_fast.enable_prefill_graphs(bridge)`` when the fast kernels are on (per-layer
+            CUDA graphs of repeated same-shape forwards; an int sets how many shapes keep their graphs). Ignored
+            (with the fast kernels' own logged reason) when the bridge stays on HF delegation.
     Returns:
         an ordinary ``TransformerBridge``; ``bridge.fast_kernels_report()`` says what runs where.
     """
@@ -46,12 +49,17 @@ def boot_transformers(model_name: str, *, fast_kernels: bool | str = "auto", fas
     bridge = _original_boot()(model_name, **kwargs)
     _attach_report(bridge)
     if fast_kernels is not False:
-        enable_fast_kernels(bridge, fast_kernels, backend=fast_backend)
+        report = enable_fast_kernels(bridge, fast_kernels, backend=fast_backend)
+        if prefill_graphs and report.enabled:
+            from ..graphs import enable_prefill_graphs
+
+            enable_prefill_graphs(bridge, 2 if prefill_graphs is True else int(prefill_graphs))
     return bridge
 
 
 def install_boot_flag() -> None:
-    """Let ``TransformerBridge.boot_transformers`` take ``fast_kernels=`` / ``fast_backend=`` (idempotent)."""
+    """Let ``TransformerBridge.boot_transformers`` take ``fast_kernels=`` / ``fast_backend=`` / ``prefill_graphs=``
+    (idempotent)."""
     from transformer_lens.model_bridge import TransformerBridge
 
     if getattr(TransformerBridge, _ORIGINAL_ATTR, None) is not None:
@@ -61,7 +69,7 @@ def install_boot_flag() -> None:
 
     @functools.wraps(original)
     def boot_with_flag(*args: Any, **kwargs: Any):
-        if "fast_kernels" not in kwargs and "fast_backend" not in kwargs:
+        if not {"fast_kernels", "fast_backend", "prefill_graphs"} & kwargs.keys():
             return original(*args, **kwargs)
         return boot_transformers(*args, **kwargs)
 

@@ -347,10 +347,14 @@ def enable_fast_kernels(bridge: Any, mode: bool | str = True, *, backend: str = 
 
 
 def disable_fast_kernels(bridge: Any) -> None:
-    """Return the bridge to the seed behaviour (HF delegation): unpatch the model, drop the added hooks."""
+    """Return the bridge to the seed behaviour (HF delegation): unpatch the model, drop the added hooks and any
+    prefill graphs."""
     state = bridge.__dict__.pop(_STATE_ATTR, None)
     if state is None or not state["report"].enabled:
         return
+    from ..graphs import disable_prefill_graphs
+
+    disable_prefill_graphs(bridge)
     from ..patch import unpatch_model
 
     for fn in reversed(state["undo"]):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4_fast import boot_transformers, disable_prefill_graphs, enable_prefill_graphs, patch_model
+from gemma4_fast import (boot_transformers, disable_fast_kernels, disable_prefill_graphs, enable_prefill_graphs,
+                         patch_model)
 from gemma4_fast.graphs import PrefillGraphs
 from gemma4_fast.models import build_model, offline_tokenizer
 
@@ -136,13 +137,18 @@ def test_calls_that_may_need_gradients_stay_eager(emulated):
 
 
 def test_bridge_quiet_blocks_replay(emulated):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from gemma4_fast.graphs import prefill_graphs
+
     tok = offline_tokenizer()
     name = "tiny-ple-kv-shared"
-    bridge = boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
-                               fast_backend="torch")
+    bridge = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu",
+                                                 fast_kernels=True, fast_backend="torch", prefill_graphs=True)
     ref = boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
                             fast_backend="torch")
-    graphs = enable_prefill_graphs(bridge)
+    graphs = prefill_graphs(bridge)
+    assert graphs is not None
 
     def resid(n):
         return n.endswith("hook_resid_post")
@@ -166,7 +172,8 @@ def test_bridge_quiet_blocks_replay(emulated):
             replays = graphs.replays
             bridge.run_with_hooks(_ids(1), fwd_hooks=[("blocks.6.attn.hook_pattern", lambda t, hook: seen.append(t))])
     assert len(seen) == 2 and graphs.replays == replays + len(bridge.blocks) - 1
-    disable_prefill_graphs(bridge)
+    disable_fast_kernels(bridge)
+    assert prefill_graphs(bridge) is None
     assert not any("_g4f_prefill_graphs" in b.__dict__ for b in bridge.blocks)
 
 
