@@ -196,3 +196,26 @@ def test_cuda_prefill_graphs_match_eager():
     n_layers, n_shared = model.config.num_hidden_layers, model.config.num_kv_shared_layers
     # 8 forwards; eager warm-ups: every layer in the first one, the KV-shared layers cut to one position once
     assert graphs.replays == 8 * n_layers - (n_layers + n_shared)
+
+
+def test_decode_layer_graphs_leave_the_prefill_wrappers_in_place(emulated, monkeypatch):
+    from gemma4_fast import decode, generate
+
+    ref = build_model("tiny-ple-kv-shared")
+    model = build_model("tiny-ple-kv-shared")
+    patch_model(model, backend="torch")
+    graphs = enable_prefill_graphs(model)
+    monkeypatch.setattr(decode._LayerGraph, "emulate", True)
+    handle = model.model.layers[2].register_forward_hook(lambda m, a, o: None)
+    ids = _ids(0, n=9, batch=1)
+    got = generate(model, ids, max_new_tokens=6)
+    handle.remove()
+    want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                        pad_token_id=0)
+    assert torch.equal(got, want)
+    assert all(getattr(layer.__dict__.get("forward"), "_g4f_prefill", False) for layer in model.model.layers)
+    with torch.no_grad():
+        for seed in range(3):
+            torch.testing.assert_close(model(_ids(seed), use_cache=False).logits,
+                                       ref(_ids(seed), use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    assert graphs.replays > 0
