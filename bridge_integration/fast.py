@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -263,8 +264,28 @@ def _block_shaper(block: Optional[nn.Module], undo: list[Callable[[], None]]) ->
     return shaper
 
 
-def _gc_paused(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with Python's cyclic garbage collector paused for the duration of the (outermost) call.
+def install_method(bridge: Any, name: str, body: Callable[..., Any]) -> Callable[[], None]:
+    """Make ``bridge.<name>(...)`` run ``body(bridge, original, ...)``, ``original`` being the class's method bound to
+    the same bridge; returns the undo.
+
+    The override is a method bound with ``types.MethodType`` that looks the original up on each call, so a copy of the
+    bridge (``copy.deepcopy``) rebinds it to the copy instead of calling back into the source bridge.
+    """
+    @functools.wraps(getattr(type(bridge), name))
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return body(self, getattr(type(self), name).__get__(self), *args, **kwargs)
+
+    bound = types.MethodType(method, bridge)
+    bridge.__dict__[name] = bound
+
+    def undo() -> None:
+        if bridge.__dict__.get(name) is bound:
+            del bridge.__dict__[name]
+    return undo
+
+
+def _gc_paused(bridge: Any, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``original(...)`` with Python's cyclic garbage collector paused for the duration of the (outermost) call.
 
     A ``run_with_cache`` of every hook registers and removes ~2,500 hooks and allocates as many closures and
     handles; each allocation burst triggers collections that walk the whole heap (model, bridge, caches). Pausing
@@ -272,26 +293,19 @@ def _gc_paused(fn: Callable[..., Any]) -> Callable[..., Any]:
     35-layer model: 120 -> 58 ms per full ``run_with_cache``). Memory freed by reference counting is unaffected;
     only reference cycles created inside the call wait for the next collection after it.
     """
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if not gc.isenabled():
-            return fn(*args, **kwargs)
-        gc.disable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            gc.enable()
-    call._g4f_gc_paused = True  # type: ignore[attr-defined]
-    return call
+    if not gc.isenabled():
+        return original(*args, **kwargs)
+    gc.disable()
+    try:
+        return original(*args, **kwargs)
+    finally:
+        gc.enable()
 
 
 def _pause_gc(bridge: Any, undo: list[Callable[[], None]]) -> None:
     for name in ("forward", "run_with_cache", "run_with_hooks"):
-        method = getattr(bridge, name, None)
-        if method is None or getattr(method, "_g4f_gc_paused", False):
-            continue
-        bridge.__dict__[name] = _gc_paused(method)
-        undo.append(lambda name=name: bridge.__dict__.pop(name, None))
+        if callable(getattr(type(bridge), name, None)) and name not in bridge.__dict__:
+            undo.append(install_method(bridge, name, _gc_paused))
 
 
 def _rescan_hooks(bridge: Any) -> None:

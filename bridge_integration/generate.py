@@ -15,7 +15,6 @@ other random numbers.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Callable, Optional
 
@@ -111,14 +110,9 @@ def bridge_generate(bridge: Any, original: Callable, *args: Any, **kwargs: Any):
 
 def install_generate(bridge: Any) -> Callable[[], None]:
     """Route ``bridge.generate`` through :func:`bridge_generate`; returns the function that undoes it."""
-    original = bridge.generate
-    fast = functools.wraps(original)(functools.partial(bridge_generate, bridge, original))
-    bridge.__dict__["generate"] = fast
+    from .fast import install_method
 
-    def undo() -> None:
-        if bridge.__dict__.get("generate") is fast:
-            del bridge.__dict__["generate"]
-    return undo
+    return install_method(bridge, "generate", bridge_generate)
 
 
 __all__ = ["bridge_generate", "install_generate"]

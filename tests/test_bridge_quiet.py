@@ -233,3 +233,17 @@ def test_backend_change_and_train_mode_rebuild_the_twin(tok):
         fast(ids)
     assert fast.blocks[0].__dict__["_g4f_quiet"].twin.training
     fast.eval()
+
+
+def test_a_copied_bridge_runs_its_own_model(tok):
+    import copy
+
+    fast = _fast("tiny-moe", tok)
+    twin = copy.deepcopy(fast)
+    assert twin.forward.__self__ is twin and twin.generate.__self__ is twin
+    calls = []
+    fast.blocks[0].hook_out.add_hook(lambda t, hook: calls.append(1))
+    with torch.no_grad():
+        out = twin(_ids())
+        gen = twin.generate(_ids()[:1], max_new_tokens=3, verbose=False)
+    assert calls == [] and out.shape[:2] == (2, 19) and gen.shape[-1] == 22
