@@ -358,7 +358,8 @@ def enable_prefill_graphs(obj: Any, max_signatures: int = 2) -> PrefillGraphs:
     disable_prefill_graphs(model)
     model.__dict__[ATTR] = graphs
     for layer in _text_layers(model):
-        plain = type(layer).forward.__get__(layer)
+        def plain(*args, _layer=layer, **kwargs):  # the class's forward at call time (patching swaps classes)
+            return type(_layer).forward(_layer, *args, **kwargs)
 
         def forward(*args, _layer=layer, _plain=plain, **kwargs):
             return graphs(_layer, _plain, args, kwargs)

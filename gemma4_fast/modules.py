@@ -9,6 +9,8 @@ wrapper around the module (TransformerBridge's ``original_component``) are untou
 - ``FastGemma4TextRouter(Gemma4TextRouter)``, ``FastGemma4TextExperts(Gemma4TextExperts)``:
   ``gemma4_fast.moe``.
 - ``FastGemma4TextMLP(Gemma4TextMLP)``: ``gemma4_fast.mlp`` (fused ``gelu_tanh(gate) * up``).
+- ``FastGemma4TextDecoderLayer(Gemma4TextDecoderLayer)``: ``gemma4_fast.layer`` (residual adds fused into the
+  norms when no hook is on them; kind ``"residual"``).
 - With transformers' ``gemma4_unified`` family (the encoder-free 12B): ``FastGemma4UnifiedRMSNorm``,
   ``FastGemma4UnifiedTextAttention`` and, when that family defines it, ``FastGemma4UnifiedTextMLP``
   (same code; that family has no MoE).
@@ -20,15 +22,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextAttention, Gemma4TextExperts,
-                                                        Gemma4TextMLP, Gemma4TextRouter)
+from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextAttention, Gemma4TextDecoderLayer,
+                                                        Gemma4TextExperts, Gemma4TextMLP, Gemma4TextRouter)
 
 from .attention import FastAttentionMixin
+from .layer import FastDecoderLayerMixin
 from .mlp import FastMLPMixin
 from .moe import FastExpertsMixin, FastRouterMixin
 from .norm import FastRMSNormMixin
 
-KINDS = ("attention", "rms_norm", "router", "experts", "mlp")
+KINDS = ("attention", "rms_norm", "router", "experts", "mlp", "residual")
 
 
 class FastGemma4RMSNorm(FastRMSNormMixin, Gemma4RMSNorm):
@@ -49,6 +52,10 @@ class FastGemma4TextExperts(FastExpertsMixin, Gemma4TextExperts):
 
 class FastGemma4TextMLP(FastMLPMixin, Gemma4TextMLP):
     """``Gemma4TextMLP`` with the fused activation op (``gemma4_fast.mlp``)."""
+
+
+class FastGemma4TextDecoderLayer(FastDecoderLayerMixin, Gemma4TextDecoderLayer):
+    """``Gemma4TextDecoderLayer`` with the residual adds fused into its norms (``gemma4_fast.layer``)."""
 
 
 try:
@@ -87,6 +94,7 @@ def fast_class_map() -> dict:
         Gemma4TextRouter: (FastGemma4TextRouter, "router"),
         Gemma4TextExperts: (FastGemma4TextExperts, "experts"),
         Gemma4TextMLP: (FastGemma4TextMLP, "mlp"),
+        Gemma4TextDecoderLayer: (FastGemma4TextDecoderLayer, "residual"),
     }
     if Gemma4UnifiedRMSNorm is not None:
         table[Gemma4UnifiedRMSNorm] = (FastGemma4UnifiedRMSNorm, "rms_norm")

@@ -143,6 +143,16 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, bac
                 dict(eps=eps, return_scale=return_scale, return_normalized=return_normalized))
 
 
+def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *,
+                      next_weight: Optional[torch.Tensor] = None, next_eps: Optional[float] = None,
+                      backend: str = "auto"):
+    """``gemma4_fast.kernels.rmsnorm.rms_norm_residual`` or its naive twin: ``residual + rms_norm(x, weight)``
+    (HF order), and ``rms_norm(out, next_weight)`` when given. Under autograd the naive twin runs."""
+    b = resolve(backend, "rms_norm_residual", x, residual, weight, next_weight)
+    return _run("rmsnorm", "rms_norm_residual", b, (x, residual, weight),
+                dict(eps=eps, next_weight=next_weight, next_eps=next_eps))
+
+
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``gemma4_fast.kernels.activation.gelu_mul`` or ``gelu_mul_naive``: ``gelu_tanh(gate) * up``, both
     ``[..., N]``. Under autograd the Triton forward is kept and the backward recomputes the naive op."""

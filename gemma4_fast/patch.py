@@ -223,7 +223,9 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
         attention: patch ``Gemma4TextAttention`` and set the text config's ``_attn_implementation`` to
             ``"gemma4_fast"`` (restored by ``unpatch_model``).
         moe: patch ``Gemma4TextRouter`` and ``Gemma4TextExperts``.
-        rms_norm: patch ``Gemma4RMSNorm`` (layer norms, q/k/v norms, router norm, final norm).
+        rms_norm: patch ``Gemma4RMSNorm`` (layer norms, q/k/v norms, router norm, final norm) and the text
+            decoder layers (``"residual"``: residual adds fused into the post-sublayer norms while no hook is on
+            them; ``gemma4_fast.layer``).
         mlp: patch the dense ``Gemma4TextMLP`` (fused ``gelu_tanh(gate) * up``; the three linears stay
             HF modules). An MLP whose ``act_fn`` is not the tanh GELU stays on HF, with the reason.
 
@@ -233,7 +235,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     ops.check_backend(backend)
     register()
     GENERATION += 1
-    enabled = {"attention": attention, "rms_norm": rms_norm, "router": moe, "experts": moe, "mlp": mlp}
+    enabled = {"attention": attention, "rms_norm": rms_norm, "router": moe, "experts": moe, "mlp": mlp,
+               "residual": rms_norm}
     table = fast_class_map()
     fast_set = set(fast_classes())
     hf_for_fast = {fast: hf for hf, (fast, _) in table.items()}
@@ -259,7 +262,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
                              backend=module.__dict__.get(_BACKEND) if already else None)
         report.modules.append(entry)
         if not enabled[kind]:
-            flag = "moe" if kind in ("router", "experts") else kind
+            flag = {"router": "moe", "experts": "moe", "residual": "rms_norm"}.get(kind, kind)
             entry.reason = f"{flag}=False in this call: left as it was" if already else f"{flag}=False"
             continue
         why = None if already else _module_unsupported(kind, module)

@@ -1,0 +1,86 @@
+"""Fast Gemma 4 decoder layer: HF ``Gemma4TextDecoderLayer.forward`` with the residual adds fused into the norms.
+
+HF's layer runs ``hidden = residual + post_attention_layernorm(attn_out)`` then ``pre_feedforward_layernorm(hidden)``,
+and ``residual + post_feedforward_layernorm(mlp_out)`` / ``residual + post_per_layer_input_norm(ple_out)``: a norm,
+an add and often the next norm, each a pass over the residual stream. Here each such group is one
+``ops.rms_norm_residual`` call (``kernels/rmsnorm``: the norm rounded to the sublayer's dtype before the add, the sum
+rounded once, the next norm of the rounded sum: HF's arithmetic, in HF's order). Every submodule (attention, MLP,
+router, experts, per-layer-input linears, every norm's parameters) is still the layer's own, called in HF's order,
+so weights, ``state_dict`` keys and hook paths are unchanged.
+
+The fused path runs only when it cannot be told apart from HF's: every norm it fuses is a fast RMSNorm
+(``gemma4_fast.norm``) with a weight, no active seam (``hook_scale`` / ``hook_normalized``) and no PyTorch hook, and
+there are no global module hooks. Otherwise (a hook on a norm, TransformerBridge's wrappers around the submodules)
+the call runs HF's forward unchanged. The MoE block (26B-A4B) keeps HF's code between its norms.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ops
+from .hooks import get_hook
+from .norm import FastRMSNormMixin
+
+
+def _plain_norm(m: Any) -> bool:
+    return (isinstance(m, FastRMSNormMixin) and m.with_scale and not m._forward_hooks and not m._forward_pre_hooks
+            and get_hook(m, "scale") is None and get_hook(m, "normalized") is None)
+
+
+def _global_hooks() -> bool:
+    mod = nn.modules.module
+    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks)
+
+
+class FastDecoderLayerMixin:
+    """Forward of ``Gemma4TextDecoderLayer`` with fused residual norms; see the module docstring."""
+
+    _g4f_backend = "auto"
+
+    def _fusable(self) -> bool:
+        names = ["post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        if self.hidden_size_per_layer_input:
+            names.append("post_per_layer_input_norm")
+        return not _global_hooks() and all(_plain_norm(self._modules.get(n)) for n in names)
+
+    def _residual(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor, nxt: Any = None):
+        return ops.rms_norm_residual(x, residual, norm.weight, norm.eps,
+                                     next_weight=None if nxt is None else nxt.weight,
+                                     next_eps=None if nxt is None else nxt.eps, backend=self._g4f_backend)
+
+    def forward(self, hidden_states: torch.Tensor, per_layer_input: torch.Tensor | None = None,
+                shared_kv_states: Any = None, position_embeddings: Any = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                past_key_values: Any = None, **kwargs: Any) -> torch.Tensor:
+        if not self._fusable():
+            return super().forward(hidden_states, per_layer_input, shared_kv_states, position_embeddings,
+                                   attention_mask, position_ids, past_key_values, **kwargs)
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings,
+                                          attention_mask=attention_mask, shared_kv_states=shared_kv_states,
+                                          position_ids=position_ids, past_key_values=past_key_values, **kwargs)
+        if self.enable_moe_block:
+            residual = self._residual(self.post_attention_layernorm, hidden_states, residual)
+            hidden_states = self.mlp(self.pre_feedforward_layernorm(residual))
+            hidden_states_1 = self.post_feedforward_layernorm_1(hidden_states)
+            flat = residual.reshape(-1, residual.shape[-1])
+            _, top_k_weights, top_k_index = self.router(flat)
+            hidden_states_2 = self.experts(self.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
+            hidden_states_2 = self.post_feedforward_layernorm_2(hidden_states_2.reshape(residual.shape))
+            hidden_states = hidden_states_1 + hidden_states_2
+        else:
+            residual, hidden_states = self._residual(self.post_attention_layernorm, hidden_states, residual,
+                                                     self.pre_feedforward_layernorm)
+            hidden_states = self.mlp(hidden_states)
+        hidden_states = self._residual(self.post_feedforward_layernorm, hidden_states, residual)
+        if self.hidden_size_per_layer_input:
+            residual = hidden_states
+            hidden_states = self.act_fn(self.per_layer_input_gate(hidden_states)) * per_layer_input
+            hidden_states = self._residual(self.post_per_layer_input_norm, self.per_layer_projection(hidden_states),
+                                           residual)
+        hidden_states *= self.layer_scalar
+        return hidden_states

@@ -1,0 +1,96 @@
+"""gemma4_fast.layer: decoder layers with the residual adds fused into the norms (``ops.rms_norm_residual``).
+
+CPU, fp32: the fused path runs when no hook is on the fused norms and matches HF's layer; a hook (module or
+seam) on a norm, or a global hook, runs HF's forward so the hook sees what it sees in HF.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gemma4_fast import ops, patch_model, unpatch_model
+from gemma4_fast.models import build_model, unified_available
+from gemma4_fast.presets import PRESETS, TINY_PRESETS
+
+
+def _ids(seed=0, batch=2, n=13):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 300, (batch, n), generator=g)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    calls = []
+    original = ops.rms_norm_residual
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("next_weight") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "rms_norm_residual", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_fused_layers_match_hf(name, fused_calls):
+    if PRESETS[name].unified and not unified_available():
+        pytest.skip("this transformers has no gemma4_unified models")
+    ref = build_model(name)
+    fast = copy.deepcopy(ref)
+    report = patch_model(fast, backend="torch")
+    ids = _ids()
+    with torch.no_grad():
+        got = fast(ids, use_cache=False).logits
+        want = ref(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    fused, total = report.counts()["residual"]
+    if PRESETS[name].unified:
+        assert total == 0 and fused_calls == []
+    else:
+        n = fast.config.num_hidden_layers
+        assert fused == total == n
+        per_layer = 3 if fast.config.hidden_size_per_layer_input else 2
+        assert len(fused_calls) == n * per_layer
+        assert sum(fused_calls) == (0 if fast.config.enable_moe_block else n)
+    unpatch_model(fast)
+    assert type(fast.model.layers[0]) is type(ref.model.layers[0])
+
+
+def test_a_hook_on_a_norm_runs_hf_forward(fused_calls):
+    ref = build_model("tiny-ple-kv-shared")
+    fast = copy.deepcopy(ref)
+    patch_model(fast, backend="torch")
+    seen, seen_ref = [], []
+    fast.model.layers[3].post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.append(o))
+    ref.model.layers[3].post_attention_layernorm.register_forward_hook(lambda m, a, o: seen_ref.append(o))
+    ids = _ids()
+    with torch.no_grad():
+        got = fast(ids, use_cache=False).logits
+        want = ref(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    torch.testing.assert_close(seen[0], seen_ref[0], rtol=1e-4, atol=1e-5)
+    layers = fast.config.num_hidden_layers
+    assert len(fused_calls) == 3 * (layers - 1)
+    fused_calls.clear()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        with torch.no_grad():
+            fast(ids, use_cache=False)
+    finally:
+        handle.remove()
+    assert fused_calls == []
+
+
+def test_gradients_through_fused_layers_match_hf():
+    ref = build_model("tiny-dense-k-eq-v")
+    fast = copy.deepcopy(ref)
+    patch_model(fast, backend="torch")
+    ids = _ids()
+    fast(ids, use_cache=False).logits.square().mean().backward()
+    ref(ids, use_cache=False).logits.square().mean().backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
