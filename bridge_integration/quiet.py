@@ -33,32 +33,16 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from ..decode import _INFRASTRUCTURE
 from .. import patch
 from ..attention import WEIGHTS_VIA_SEAM
 from ..graphs import ATTR as GRAPHS
-from ..hooks import ATTR
+from ..hooks import ATTR, global_module_hooks, user_hooks
 
 _STATE = "_g4f_quiet"
 
 
-def _wiring(fn: Any) -> bool:
-    return (getattr(fn, "__module__", None) or "").startswith(_INFRASTRUCTURE)
-
-
 def _hook_dicts(m: nn.Module) -> tuple:
     return m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
-
-
-def _hooked(m: nn.Module) -> bool:
-    """Whether ``m`` has a hook that the wrapped path would run and the twin would skip."""
-    if m._backward_hooks or m._backward_pre_hooks:
-        return True
-    if not (m._forward_hooks or m._forward_pre_hooks):
-        return False
-    if type(m).__name__ == "HookPoint":
-        return True
-    return not all(_wiring(fn) for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
 
 def _twin(module: nn.Module, copies: Optional[list] = None) -> nn.Module:
@@ -83,12 +67,6 @@ def _twin(module: nn.Module, copies: Optional[list] = None) -> nn.Module:
     if copies is not None:
         copies.append((module, twin))
     return twin
-
-
-def _global_hooks() -> bool:
-    mod = nn.modules.module
-    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
-                or mod._global_backward_pre_hooks)
 
 
 class _Plan:
@@ -147,7 +125,7 @@ class _Plan:
 
     def quiet(self) -> bool:
         """The full check: no inner module has a hook other than wiring, no processed-weight component."""
-        return not any(_hooked(m) for m in self.inner) and not any(
+        return not any(user_hooks(m, backward=True) for m in self.inner) and not any(
             getattr(m, "_use_processed_weights", False) for m in self.processed)
 
     def kwargs(self, kwargs: dict, n_args: int) -> dict:
@@ -160,7 +138,7 @@ class _Plan:
 def _plan_for(block: nn.Module) -> Optional[_Plan]:
     """The block's plan when this call can take the twin, else None."""
     plan: Optional[_Plan] = block.__dict__.get(_STATE)
-    if plan is None or _global_hooks():
+    if plan is None or global_module_hooks(backward=True):
         return None
     for attr in ("_stop_at_layer_idx", "_start_at_layer_idx"):
         at = getattr(block, attr, None)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .attention import FastAttentionMixin
-from .hooks import ATTR, hook_active
+from .hooks import ATTR, global_module_hooks, hook_active, user_hooks
 
 logger = logging.getLogger("gemma4_fast")
 
@@ -196,34 +196,16 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return (scores - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
-_INFRASTRUCTURE = ("transformer_lens.model_bridge.", "gemma4_fast.", "transformers.utils.output_capturing")
-
-
-def _user_hooks(m: nn.Module) -> bool:
-    """Whether ``m`` carries a hook that must see every step.
-
-    Every hook on a TransformerLens ``HookPoint`` counts. On other modules, wiring hooks do not: the bridge's
-    own (TransformerLens's block capture hooks, which only store Python references or forward to HookPoints
-    that are checked themselves), this package's shape recorders, and transformers' output-capturing hooks
-    (left installed after an ``output_attentions`` / ``output_hidden_states`` call; they record only inside
-    such a call, which generation never makes).
-    """
-    hooks = list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
-    if not hooks:
-        return False
-    if type(m).__name__ == "HookPoint":
-        return True
-    return any(not (getattr(fn, "__module__", None) or "").startswith(_INFRASTRUCTURE) for fn in hooks)
-
-
 def _hooked_modules(model: nn.Module) -> list[str]:
+    """Names of the modules whose hooks must see every decode step: user hooks (``hooks.user_hooks``), active
+    seams, and global module hooks."""
     names = []
     for name, m in model.named_modules():
-        if _user_hooks(m):
+        if user_hooks(m):
             names.append(name or type(m).__name__)
         elif any(hook_active(fn) for fn in (m.__dict__.get(ATTR) or {}).values()):
             names.append(name)
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if global_module_hooks():
         names.append("(global module hooks)")
     return names
 

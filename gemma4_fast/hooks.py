@@ -63,3 +63,32 @@ def set_hooks(module: nn.Module, **fns: Optional[HookFn]) -> None:
 def clear_hooks(module: nn.Module) -> None:
     """Remove every seam callable from ``module``."""
     module.__dict__.pop(ATTR, None)
+
+
+#: Modules whose hook functions are wiring, not user hooks: TransformerLens's bridge (its block capture hooks
+#: only store Python references or forward to HookPoints that are checked themselves), this package's shape
+#: recorders, and transformers' output-capturing hooks (left installed after an ``output_attentions`` /
+#: ``output_hidden_states`` call; they record only inside such a call).
+WIRING = ("transformer_lens.model_bridge.", "gemma4_fast.", "transformers.utils.output_capturing")
+
+
+def user_hooks(m: nn.Module, backward: bool = False) -> bool:
+    """Whether ``m`` carries a hook a caller put there: any hook on a TransformerLens ``HookPoint``, else any forward
+    (pre-)hook not defined in ``WIRING`` modules; with ``backward`` also any backward (pre-)hook."""
+    if backward and (m._backward_hooks or m._backward_pre_hooks):
+        return True
+    hooks = list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
+    if not hooks:
+        return False
+    if type(m).__name__ == "HookPoint":
+        return True
+    return any(not (getattr(fn, "__module__", None) or "").startswith(WIRING) for fn in hooks)
+
+
+def global_module_hooks(backward: bool = False) -> bool:
+    """Whether global module hooks (``torch.nn.modules.module.register_module_forward_hook`` and friends) are set;
+    with ``backward`` the global backward hooks count too."""
+    mod = nn.modules.module
+    if mod._global_forward_hooks or mod._global_forward_pre_hooks:
+        return True
+    return backward and bool(mod._global_backward_hooks or mod._global_backward_pre_hooks)

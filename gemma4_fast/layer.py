@@ -21,18 +21,13 @@ import torch
 from torch import nn
 
 from . import ops
-from .hooks import get_hook
+from .hooks import get_hook, global_module_hooks
 from .norm import FastRMSNormMixin
 
 
 def _plain_norm(m: Any) -> bool:
     return (isinstance(m, FastRMSNormMixin) and m.with_scale and not m._forward_hooks and not m._forward_pre_hooks
             and get_hook(m, "scale") is None and get_hook(m, "normalized") is None)
-
-
-def _global_hooks() -> bool:
-    mod = nn.modules.module
-    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks)
 
 
 class FastDecoderLayerMixin:
@@ -44,7 +39,7 @@ class FastDecoderLayerMixin:
         names = ["post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
         if self.hidden_size_per_layer_input:
             names.append("post_per_layer_input_norm")
-        return not _global_hooks() and all(_plain_norm(self._modules.get(n)) for n in names)
+        return not global_module_hooks() and all(_plain_norm(self._modules.get(n)) for n in names)
 
     def _residual(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor, nxt: Any = None):
         return ops.rms_norm_residual(x, residual, norm.weight, norm.eps,
