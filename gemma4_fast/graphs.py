@@ -161,7 +161,7 @@ class PrefillGraphs:
             raise ValueError(f"max_signatures must be >= 1, got {max_signatures}")
         self.max_signatures = max_signatures
         self.pools: OrderedDict[Any, Any] = OrderedDict()
-        self.entries: dict[tuple[int, Any], _Entry] = {}
+        self.entries: dict[tuple[int, Any, Any], _Entry] = {}
         self.cache_index: dict[int, Optional[int]] = {}
         self.replays = 0
         self._forward: Optional[Callable[[], Any]] = None
@@ -206,7 +206,7 @@ class PrefillGraphs:
             return self.pools[sig]
         while len(self.pools) >= self.max_signatures:
             old, _ = self.pools.popitem(last=False)
-            for key in [k for k in self.entries if k[1][0] == old]:
+            for key in [k for k in self.entries if k[1] == old]:
                 del self.entries[key]
         self.pools[sig] = None if self.emulate else torch.cuda.graph_pool_handle()
         return self.pools[sig]
@@ -219,13 +219,13 @@ class PrefillGraphs:
         if self.generation != patch.GENERATION:  # a patch or unpatch since: the graphs ran other module classes
             self.clear()
             self.generation = patch.GENERATION
-        fwd_sig = self._forward_key(_signature(args[0]), kwargs.get(_SHARED))
+        shared = kwargs.get(_SHARED)
+        fwd_sig = self._forward_key(_signature(args[0]), shared)
         pool = self._pool(fwd_sig)
-        key = (id(layer), (fwd_sig, call_sig))
+        key = (id(layer), fwd_sig, call_sig)
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = _Entry()
-        shared = kwargs.get(_SHARED)
         if entry.graph is None:
             entry.calls += 1
             if entry.failed or entry.calls < 2 or not self._static_shared(shared, fwd_sig):
