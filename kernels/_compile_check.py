@@ -57,14 +57,15 @@ def compile_for_target(fn: Any, signature: Mapping[str, str], constexprs: Mappin
 
 
 def run_without_interpreter(path: str, function: str, *args: Any, timeout: float = 900) -> Any:
-    """Call ``function(*args)`` from the Python file ``path`` in a subprocess with ``TRITON_INTERPRET=0``.
+    """Call ``function(*args)`` from the Python file ``path`` in a subprocess with ``TRITON_INTERPRET=0`` (the file's
+    folder first on ``sys.path``, as when it runs as a script, so its sibling helper modules import).
 
     Kernels decorated while the interpreter is on cannot be compiled for a GPU target, so compile checks of a
     test session that runs kernels under the interpreter go through here. ``args`` and the return value must
     be JSON-serialisable; a failing subprocess raises ``RuntimeError`` with the end of its stderr.
     """
-    code = ("import json, runpy, sys; m = runpy.run_path(sys.argv[1]); "
-            "print(json.dumps(m[sys.argv[2]](*json.loads(sys.argv[3]))))")
+    code = ("import json, os, runpy, sys; sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1]))); "
+            "m = runpy.run_path(sys.argv[1]); print(json.dumps(m[sys.argv[2]](*json.loads(sys.argv[3]))))")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", code, path, function, json.dumps(list(args))], env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from gemma4_fast import ops
-from gemma4_fast.kernels._compile_check import compile_for_target, run_without_interpreter
+from gemma4_fast.kernels._compile_check import compile_for_target
 from gemma4_fast.kernels.activation import gelu_mul, gelu_mul_naive
 from gemma4_fast.kernels.activation.gelu_mul import (CONFIG_ENV, default_config, gelu_mul_configs, gelu_mul_fwd,
                                                      gelu_mul_fwd_kernel, pick_config)
 from gemma4_fast.models import build_model, text_config
 from gemma4_fast.patch import patch_model, unpatch_model
+from _compile_tests import compile_fit_tests
 
 GEMMA4_WIDTHS = (6144, 12288, 10240, 2112, 21504)
 
@@ -300,21 +301,7 @@ def _compile_report(capability, candidates):
     return {"checked": checked, "bad": bad}
 
 
-def _run_compile_report(capability, candidates):
-    return run_without_interpreter(__file__, "_compile_report", capability, candidates)
-
-
-@pytest.mark.parametrize("capability", [80, 90])
-def test_default_configs_compile_and_fit(capability):
-    rep = _run_compile_report(capability, candidates=False)
-    assert rep["checked"] > 0 and rep["bad"] == [], rep
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("capability", [80, 90])
-def test_candidate_configs_compile_and_fit(capability):
-    rep = _run_compile_report(capability, candidates=True)
-    assert rep["checked"] > 0 and rep["bad"] == [], rep
+test_default_configs_compile_and_fit, test_candidate_configs_compile_and_fit = compile_fit_tests(__file__)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ import torch
 
 from gemma4_fast.kernels import _common
 
-from gemma4_fast.kernels._compile_check import compile_for_target, run_without_interpreter
+from gemma4_fast.kernels._compile_check import compile_for_target
 from gemma4_fast.kernels.rmsnorm import (RMSNormOutput, rms_norm, rms_norm_naive, rms_norm_residual,
                                          rms_norm_residual_naive)
 from gemma4_fast.kernels.rmsnorm import rmsnorm as rn
 from gemma4_fast.kernels._common import next_power_of_2
+from _compile_tests import compile_fit_tests
 
 GEMMA4_WIDTHS = (1536, 2560, 2816, 3840, 5376, 256, 512)
 
@@ -387,21 +388,7 @@ def _compile_report(capability, candidates):
     return {"checked": len(pairs), "bad": bad}
 
 
-def _run_compile_report(capability, candidates):
-    return run_without_interpreter(__file__, "_compile_report", capability, candidates)
-
-
-@pytest.mark.parametrize("capability", [80, 90])
-def test_shipped_configs_compile_and_fit(capability):
-    rep = _run_compile_report(capability, candidates=False)
-    assert rep["checked"] > 0 and rep["bad"] == [], rep
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("capability", [80, 90])
-def test_candidate_configs_compile_and_fit(capability):
-    rep = _run_compile_report(capability, candidates=True)
-    assert rep["checked"] > 0 and rep["bad"] == [], rep
+test_default_configs_compile_and_fit, test_candidate_configs_compile_and_fit = compile_fit_tests(__file__)
 
 
 # --------------------------------------------------------------------------------------------

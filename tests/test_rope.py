@@ -18,9 +18,10 @@ from gemma4_fast.kernels import _common
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding, apply_rotary_pos_emb
 
 from gemma4_fast import ops
-from gemma4_fast.kernels._compile_check import compile_for_target, run_without_interpreter
+from gemma4_fast.kernels._compile_check import compile_for_target
 from gemma4_fast.kernels.rope import rope, rope_naive, rope_qk, rope_qk_naive, unsupported_reason
 from gemma4_fast.models import text_config
+from _compile_tests import compile_fit_tests
 
 rp = importlib.import_module("gemma4_fast.kernels.rope.rope")
 
@@ -336,21 +337,7 @@ def _compile_report(capability, candidates):
     return {"checked": len(uniq), "bad": bad}
 
 
-def _run_compile_report(capability, candidates):
-    return run_without_interpreter(__file__, "_compile_report", capability, candidates)
-
-
-@pytest.mark.parametrize("capability", [80, 90])
-def test_default_configs_compile_and_fit(capability):
-    rep = _run_compile_report(capability, candidates=False)
-    assert rep["checked"] > 0 and rep["bad"] == [], rep
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("capability", [80, 90])
-def test_candidate_configs_compile_and_fit(capability):
-    rep = _run_compile_report(capability, candidates=True)
-    assert rep["checked"] > 0 and rep["bad"] == [], rep
+test_default_configs_compile_and_fit, test_candidate_configs_compile_and_fit = compile_fit_tests(__file__)
 
 
 # --------------------------------------------------------------------------------------------
