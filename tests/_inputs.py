@@ -29,3 +29,16 @@ def tiny_conditional_generation(preset: str):
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return Gemma4ForConditionalGeneration(cfg).eval()
+
+
+def patched_copy(preset: str, device: str = "cpu", backend: str = "torch"):
+    """``(ref, fast, report)``: a random ``preset`` model (seed 0), and a deep copy of it patched with
+    ``gemma4_fast.patch_model(backend=backend)`` with that call's report."""
+    import copy
+
+    from gemma4_fast.models import build_model
+    from gemma4_fast.patch import patch_model
+
+    ref = build_model(preset, device=device)
+    fast = copy.deepcopy(ref)
+    return ref, fast, patch_model(fast, backend=backend)

@@ -18,7 +18,7 @@ from gemma4_fast.kernels.attention import api, attention
 from gemma4_fast.kernels.attention.naive import attention_naive
 from gemma4_fast.models import build_model, unified_available
 from gemma4_fast.patch import patch_model
-from _inputs import left_padded, tiny_conditional_generation
+from _inputs import left_padded, patched_copy, tiny_conditional_generation
 
 PRESETS = ["tiny-ple-kv-shared", "tiny-dense-k-eq-v", "tiny-moe"] + (["tiny-unified"] if unified_available() else [])
 SPLIT_TILE = '{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}'
@@ -275,9 +275,7 @@ def test_layer_mode_plumbing_emulated(models, monkeypatch, preset, hooked):
 @pytest.mark.cuda
 @pytest.mark.parametrize("preset", ["tiny-ple-kv-shared", "tiny-moe", "tiny-dense-k-eq-v"])
 def test_cuda_graph_matches_eager_and_hf(preset):
-    ref = build_model(preset, device="cuda")
-    fast = copy.deepcopy(ref)
-    report = patch_model(fast, backend="triton")
+    ref, fast, report = patched_copy(preset, "cuda", "triton")
     assert not report.left_on_hf, str(report)
     ids, am = _prompt()
     ids, am = ids.cuda(), am.cuda()

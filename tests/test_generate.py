@@ -14,7 +14,7 @@ import torch
 from gemma4_fast.models import build_model, unified_available
 from gemma4_fast.patch import patch_model, unpatch_model
 from gemma4_fast.registration import NAME, register
-from _inputs import left_padded
+from _inputs import left_padded, patched_copy
 
 PRESETS = ["tiny-ple-kv-shared", "tiny-dense-k-eq-v", "tiny-moe"] + (["tiny-unified"] if unified_available() else [])
 NEW_TOKENS = 32
@@ -110,9 +110,7 @@ def test_greedy_triton_interpreter(models):
 ])
 @pytest.mark.parametrize("preset", ["tiny-ple-kv-shared", "tiny-moe"])
 def test_cuda_generate_step_logits(preset, cache, compile_):
-    ref = build_model(preset, device="cuda")
-    fast = copy.deepcopy(ref)
-    report = patch_model(fast, backend="triton")
+    ref, fast, report = patched_copy(preset, "cuda", "triton")
     assert not report.left_on_hf, str(report)
     ids, am = _prompt()
     ids, am = ids.cuda(), am.cuda()

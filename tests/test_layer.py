@@ -5,15 +5,14 @@ seam) on a norm, or a global hook, runs HF's forward so the hook sees what it se
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-from gemma4_fast import ops, patch_model, unpatch_model
-from gemma4_fast.models import build_model, unified_available
+from gemma4_fast import ops, unpatch_model
+from gemma4_fast.models import unified_available
 from gemma4_fast.presets import PRESETS, TINY_PRESETS
+from _inputs import patched_copy
 
 
 def _ids(seed=0, batch=2, n=13):
@@ -38,9 +37,7 @@ def fused_calls(monkeypatch):
 def test_fused_layers_match_hf(name, fused_calls):
     if PRESETS[name].unified and not unified_available():
         pytest.skip("this transformers has no gemma4_unified models")
-    ref = build_model(name)
-    fast = copy.deepcopy(ref)
-    report = patch_model(fast, backend="torch")
+    ref, fast, report = patched_copy(name)
     ids = _ids()
     with torch.no_grad():
         got = fast(ids, use_cache=False).logits
@@ -60,9 +57,7 @@ def test_fused_layers_match_hf(name, fused_calls):
 
 
 def test_a_hook_on_a_norm_runs_hf_forward(fused_calls):
-    ref = build_model("tiny-ple-kv-shared")
-    fast = copy.deepcopy(ref)
-    patch_model(fast, backend="torch")
+    ref, fast, _ = patched_copy("tiny-ple-kv-shared")
     seen, seen_ref = [], []
     fast.model.layers[3].post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.append(o))
     ref.model.layers[3].post_attention_layernorm.register_forward_hook(lambda m, a, o: seen_ref.append(o))
@@ -85,9 +80,7 @@ def test_a_hook_on_a_norm_runs_hf_forward(fused_calls):
 
 
 def test_gradients_through_fused_layers_match_hf():
-    ref = build_model("tiny-dense-k-eq-v")
-    fast = copy.deepcopy(ref)
-    patch_model(fast, backend="torch")
+    ref, fast, _ = patched_copy("tiny-dense-k-eq-v")
     ids = _ids()
     fast(ids, use_cache=False).logits.square().mean().backward()
     ref(ids, use_cache=False).logits.square().mean().backward()

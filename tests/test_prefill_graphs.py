@@ -25,14 +25,19 @@ def _ids(seed, n=17, batch=2):
     return ids
 
 
+def _graphed(name, device="cpu", backend="torch", **kw):
+    """``(ref, model, graphs)``: an HF reference and a same-seed copy patched with prefill graphs enabled."""
+    ref = build_model(name, device=device)
+    model = build_model(name, device=device)
+    patch_model(model, backend=backend)
+    return ref, model, enable_prefill_graphs(model, **kw)
+
+
 @pytest.mark.parametrize("name,keep", [("tiny-ple-kv-shared", 0), ("tiny-ple-kv-shared", 1), ("tiny-moe", 0)])
 def test_patched_model_replays_every_layer_and_matches_eager(name, keep, emulated):
     """``keep=1``: HF (>= 5.23) runs the KV-shared layers on the last position only; they read the keys/values
     the captured earlier layers republish."""
-    ref = build_model(name)
-    model = build_model(name)
-    patch_model(model, backend="torch")
-    graphs = enable_prefill_graphs(model)
+    ref, model, graphs = _graphed(name)
     n_layers = model.config.num_hidden_layers
     with torch.no_grad():
         for call, seed in enumerate((0, 1, 2, 3)):
@@ -46,10 +51,7 @@ def test_patched_model_replays_every_layer_and_matches_eager(name, keep, emulate
 
 
 def test_a_replaced_weight_drops_the_graph(emulated):
-    ref = build_model("tiny-moe")
-    model = build_model("tiny-moe")
-    patch_model(model, backend="torch")
-    graphs = enable_prefill_graphs(model)
+    ref, model, graphs = _graphed("tiny-moe")
     ids = _ids(0)
     with torch.no_grad():
         for _ in range(3):
@@ -66,10 +68,7 @@ def test_a_replaced_weight_drops_the_graph(emulated):
 def test_unpatch_drops_the_graphs(emulated):
     from gemma4_fast import unpatch_model
 
-    ref = build_model("tiny-dense-k-eq-v")
-    model = build_model("tiny-dense-k-eq-v")
-    patch_model(model, backend="torch")
-    graphs = enable_prefill_graphs(model)
+    ref, model, graphs = _graphed("tiny-dense-k-eq-v")
     ids = _ids(0)
     with torch.no_grad():
         for _ in range(3):
@@ -82,9 +81,7 @@ def test_unpatch_drops_the_graphs(emulated):
 
 
 def test_kept_outputs_are_not_overwritten_and_shapes_evict(emulated):
-    model = build_model("tiny-ple-kv-shared")
-    patch_model(model, backend="torch")
-    graphs = enable_prefill_graphs(model, max_signatures=1)
+    _, model, graphs = _graphed("tiny-ple-kv-shared", max_signatures=1)
     kept = []
     handle = model.model.layers[3].register_forward_hook(lambda m, a, o: kept.append(o))
     with torch.no_grad():
@@ -103,10 +100,7 @@ def test_kept_outputs_are_not_overwritten_and_shapes_evict(emulated):
 
 
 def test_fresh_dynamic_cache_is_filled_and_later_steps_stay_eager(emulated):
-    ref = build_model("tiny-ple-kv-shared")
-    model = build_model("tiny-ple-kv-shared")
-    patch_model(model, backend="torch")
-    graphs = enable_prefill_graphs(model)
+    ref, model, graphs = _graphed("tiny-ple-kv-shared")
     n_layers = model.config.num_hidden_layers
     with torch.no_grad():
         for seed in range(3):
@@ -127,9 +121,7 @@ def test_fresh_dynamic_cache_is_filled_and_later_steps_stay_eager(emulated):
 
 
 def test_calls_that_may_need_gradients_stay_eager(emulated):
-    model = build_model("tiny-dense-k-eq-v")
-    patch_model(model, backend="torch")
-    graphs = enable_prefill_graphs(model)
+    _, model, graphs = _graphed("tiny-dense-k-eq-v")
     ids = _ids(0)
     for _ in range(3):
         model(ids, use_cache=False).logits.sum().backward()
@@ -182,10 +174,7 @@ def test_cuda_prefill_graphs_match_eager():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     name = "tiny-ple-kv-shared"
-    ref = build_model(name, device="cuda")
-    model = build_model(name, device="cuda")
-    patch_model(model, backend="triton")
-    graphs = enable_prefill_graphs(model)
+    ref, model, graphs = _graphed(name, device="cuda", backend="triton")
     with torch.no_grad():
         for seed in range(4):
             ids = _ids(seed).cuda()
@@ -201,10 +190,7 @@ def test_cuda_prefill_graphs_match_eager():
 def test_decode_layer_graphs_leave_the_prefill_wrappers_in_place(emulated, monkeypatch):
     from gemma4_fast import decode, generate
 
-    ref = build_model("tiny-ple-kv-shared")
-    model = build_model("tiny-ple-kv-shared")
-    patch_model(model, backend="torch")
-    graphs = enable_prefill_graphs(model)
+    ref, model, graphs = _graphed("tiny-ple-kv-shared")
     monkeypatch.setattr(decode._LayerGraph, "emulate", True)
     handle = model.model.layers[2].register_forward_hook(lambda m, a, o: None)
     ids = _ids(0, n=9, batch=1)
