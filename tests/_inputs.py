@@ -42,3 +42,12 @@ def patched_copy(preset: str, device: str = "cpu", backend: str = "torch"):
     ref = build_model(preset, device=device)
     fast = copy.deepcopy(ref)
     return ref, fast, patch_model(fast, backend=backend)
+
+
+def three_way_excess(fast: torch.Tensor, ref64: torch.Tensor, lowp: torch.Tensor, atol: float):
+    """The low-precision three-way rule, elementwise: ``(bad, err, bound)`` with ``err = |fast - ref64|``,
+    ``bound = 2 |lowp - ref64| + atol * max(1, max |ref64|)`` and ``bad = err > bound`` (``ref64``: float64
+    reference, ``lowp``: the plain torch op in the low precision)."""
+    err = (fast.double() - ref64).abs()
+    bound = 2 * (lowp.double() - ref64).abs() + atol * ref64.abs().max().clamp_min(1.0)
+    return err > bound, err, bound

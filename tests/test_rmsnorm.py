@@ -21,6 +21,7 @@ from gemma4_fast.kernels.rmsnorm import (RMSNormOutput, rms_norm, rms_norm_naive
 from gemma4_fast.kernels.rmsnorm import rmsnorm as rn
 from gemma4_fast.kernels._common import next_power_of_2
 from _compile_tests import compile_fit_tests
+from _inputs import three_way_excess
 
 GEMMA4_WIDTHS = (1536, 2560, 2816, 3840, 5376, 256, 512)
 
@@ -51,9 +52,7 @@ def _check(fast, ref64, lowp, *, dtype, rtol32=1e-5, atol=1e-5, flip=None, flip_
     if dtype == torch.float32:
         assert _rel(fast, ref64) <= rtol32
         return
-    err = (fast.double() - ref64).abs()
-    bound = 2 * (lowp.double() - ref64).abs() + atol * ref64.abs().max().clamp_min(1.0)
-    bad = err > bound
+    bad, err, bound = three_way_excess(fast, ref64, lowp, atol)
     if flip is not None and bad.any():
         assert bad.double().mean().item() <= flip_frac, f"{bad.sum().item()} elements break the three-way rule"
         over = err[bad] - (bound[bad] + flip.double()[bad])
