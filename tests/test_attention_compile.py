@@ -52,13 +52,19 @@ def _kernels():
     return fwd, pattern
 
 
-def compile_like_launch(kernel, dt: str, constexprs: dict, capability: int, num_warps: int, num_stages: int) -> int:
-    """Compile for ``sm_<capability>`` with launch-like alignment; returns shared bytes."""
+def compile_like_launch(kernel, dt: str, constexprs: dict, capability: int, num_warps: int, num_stages: int,
+                        descriptors: dict | None = None) -> int:
+    """Compile for ``sm_<capability>`` with launch-like alignment; returns shared bytes.
+
+    ``descriptors``: ``{arg name: block shape}`` of arguments passed as tensor descriptors (TMA configs).
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = _signature(kernel, dt, constexprs)
+    for name, block in (descriptors or {}).items():
+        sig[name] = f"tensordesc<{dt}[{','.join(str(b) for b in block)}]>"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
              if sig[n].startswith("*") or (n.startswith("stride_") and n != "stride_kpmb")}
     out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
@@ -79,9 +85,14 @@ def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) 
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_R=16, BLOCK_S=128, CHUNK_S=8, WRITE_LSE=True)
         return compile_like_launch(fwd.attention_combine_kernel, dt, ce, capability, 4, 1)
     if kind == "fwd":
-        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DV=min(cfg.get("BLOCK_DV", bd), bd), BLOCK_M=cfg["BLOCK_M"],
-                  BLOCK_N=cfg["BLOCK_N"], WRITE_O=True, WRITE_LSE=True, **_flags(dt))
-        kernel = fwd.attention_fwd_kernel
+        bdv, bm, bn = min(cfg.get("BLOCK_DV", bd), bd), cfg["BLOCK_M"], cfg["BLOCK_N"]
+        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, WRITE_O=True, WRITE_LSE=True,
+                  USE_TMA=bool(cfg.get("TMA", 0)), FOLD_SCALE=bool(cfg.get("FOLD", 1)), **_flags(dt))
+        descs = None
+        if ce["USE_TMA"]:
+            descs = {"Q": [1, 1, bm, bd], "K": [1, 1, bn, bd], "V": [1, 1, bn, bdv], "O": [1, 1, bm, bdv]}
+        return compile_like_launch(fwd.attention_fwd_kernel, dt, ce, capability, cfg["num_warps"],
+                                   cfg["num_stages"], descs)
     elif kind == "split":
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_R=fwd.split_rows(8, 1), BLOCK_N=cfg["BLOCK_N"],
                   HAS_KVLEN=True, **_flags(dt))

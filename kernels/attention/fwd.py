@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._common import interpret_mode
 
@@ -51,50 +52,69 @@ def _visible(pos, cols, sk, wl, wr):
 
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos, start_n,
-              SK, WL, WR, qk_scale, cap_scale, DV_LIM,
+              SK, WL, WR, qk_scale, cap_scale, DV_LIM, tma_b, tma_h, tma_dv,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-              KV_SAME: tl.constexpr, WRITE_O: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              KV_SAME: tl.constexpr, WRITE_O: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+              FOLD_SCALE: tl.constexpr):
     """One key block ``[start_n, start_n + BLOCK_N)`` of the online softmax.
 
     ``v_base`` points at the first of the ``BLOCK_DV`` output columns this program owns (``DV_LIM``
-    of them valid); ``KV_SAME`` reuses the K tile as V (only when ``BLOCK_DV == BLOCK_D``).
+    of them valid); ``KV_SAME`` reuses the K tile as V (only when ``BLOCK_DV == BLOCK_D``). With
+    ``USE_TMA``, ``k_base`` / ``v_base`` are 4-D tensor descriptors (blocks ``[1, 1, BLOCK_N, BLOCK_D]`` /
+    ``[1, 1, BLOCK_N, BLOCK_DV]``) read at batch ``tma_b``, head ``tma_h``, column ``tma_dv``; rows past
+    the keys and columns past the head dim come back as zeros.
     """
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
     cols = start_n + offs_n
-    if MASKED:
-        ldmask = (cols[:, None] < SK) & dmask
+    if USE_TMA:
+        k = k_base.load([tma_b, tma_h, start_n, 0]).reshape([BLOCK_N, BLOCK_D])
     else:
-        ldmask = dmask
-    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=ldmask, other=0.0)
+        offs_d = tl.arange(0, BLOCK_D)
+        if MASKED:
+            ldmask = (cols[:, None] < SK) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=ldmask, other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :])
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=offs_d[None, :] < HEAD_DIM,
+                        other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = _scores(qk, qk_scale, cap_scale, HAS_SOFTCAP)
-    if MASKED:
-        vis = _visible(pos, cols, SK, WL, WR)
-        if HAS_KPM:
-            kp = tl.load(kpm_base + cols, mask=cols < SK, other=0) != 0
-            vis = vis & kp[None, :]
-        s = tl.where(vis, s, float("-inf"))
-    elif HAS_KPM:
-        kp = tl.load(kpm_base + cols) != 0
-        s = tl.where(kp[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
+    if FOLD_SCALE and not MASKED and not HAS_KPM:
+        # every key of the block is visible: the scale folds into one FMA (qk_scale > 0) and the max is finite
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    else:
+        s = _scores(qk, qk_scale, cap_scale, HAS_SOFTCAP)
+        if MASKED:
+            vis = _visible(pos, cols, SK, WL, WR)
+            if HAS_KPM:
+                kp = tl.load(kpm_base + cols, mask=cols < SK, other=0) != 0
+                vis = vis & kp[None, :]
+            s = tl.where(vis, s, float("-inf"))
+        elif HAS_KPM:
+            kp = tl.load(kpm_base + cols) != 0
+            s = tl.where(kp[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if WRITE_O:
         if KV_SAME:
             v = k
+        elif USE_TMA:
+            v = v_base.load([tma_b, tma_h, start_n, tma_dv]).reshape([BLOCK_N, BLOCK_DV])
         else:
             offs_dv = tl.arange(0, BLOCK_DV)
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :]
             if MASKED:
-                vmask = (cols[:, None] < SK) & (offs_dv[None, :] < DV_LIM)
+                v = tl.load(v_ptrs, mask=(cols[:, None] < SK) & (offs_dv[None, :] < DV_LIM), other=0.0)
+            elif HEAD_DIM % BLOCK_DV == 0:
+                v = tl.load(v_ptrs)
             else:
-                vmask = offs_dv[None, :] < DV_LIM
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :], mask=vmask, other=0.0)
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV_LIM, other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -102,11 +122,11 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos, start, end,
-               SK, WL, WR, qk_scale, cap_scale, DV_LIM,
+               SK, WL, WR, qk_scale, cap_scale, DV_LIM, tma_b, tma_h, tma_dv,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
                KV_SAME: tl.constexpr, WRITE_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               WHILE_LOOP: tl.constexpr):
+               WHILE_LOOP: tl.constexpr, USE_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr):
     """Key blocks ``start, start + BLOCK_N, ... < end``.
 
     ``WHILE_LOOP`` (set under ``TRITON_INTERPRET``, whose ``range`` cannot take bounds computed in the
@@ -116,16 +136,18 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
         start_n = start
         while start_n < end:
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
-                                      start_n, SK, WL, WR, qk_scale, cap_scale, DV_LIM, HEAD_DIM, BLOCK_D,
-                                      BLOCK_DV, BLOCK_N,
-                                      MASKED, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION)
+                                      start_n, SK, WL, WR, qk_scale, cap_scale, DV_LIM, tma_b, tma_h, tma_dv,
+                                      HEAD_DIM, BLOCK_D, BLOCK_DV, BLOCK_N,
+                                      MASKED, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION, USE_TMA,
+                                      FOLD_SCALE)
             start_n += BLOCK_N
     else:
         for start_n in range(start, end, BLOCK_N):
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
-                                      start_n, SK, WL, WR, qk_scale, cap_scale, DV_LIM, HEAD_DIM, BLOCK_D,
-                                      BLOCK_DV, BLOCK_N,
-                                      MASKED, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION)
+                                      start_n, SK, WL, WR, qk_scale, cap_scale, DV_LIM, tma_b, tma_h, tma_dv,
+                                      HEAD_DIM, BLOCK_D, BLOCK_DV, BLOCK_N,
+                                      MASKED, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION, USE_TMA,
+                                      FOLD_SCALE)
     return acc, l_i, m_i
 
 
@@ -137,7 +159,8 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_KPM: tl.constexpr, KV_SAME: tl.constexpr, WRITE_O: tl.constexpr,
-                         WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr):
+                         WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+                         USE_TMA: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False):
     """One program: BLOCK_M queries of one (batch, query head), output columns of one BLOCK_DV chunk.
 
     Grid ``(cdiv(Sq, BLOCK_M) * (BLOCK_D // BLOCK_DV), B * Hq)``; the D chunks of a query block are
@@ -145,7 +168,11 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
     costs 1.5x the dot products at D chunks of half; it buys a smaller accumulator for head_dim 512).
     Query blocks run heaviest first. ``O`` is written through its strides (D unit-stride); ``LSE``
     (written by the first chunk) is a ``[B, Hq, Sq]``-contiguous fp32 buffer (natural log); ``KPM``
-    a ``[B, Sk]`` uint8 mask.
+    a ``[B, Sk]`` uint8 mask. ``USE_TMA``: ``Q, K, V, O`` are 4-D tensor descriptors over the
+    ``[B, H, S, D]`` tensors (blocks ``[1, 1, BLOCK_M, BLOCK_D]``, ``[1, 1, BLOCK_N, BLOCK_D]``,
+    ``[1, 1, BLOCK_N, BLOCK_DV]``, ``[1, 1, BLOCK_M, BLOCK_DV]``; the copy engine zero-fills reads past the
+    edges and clips writes), and the pointer strides are unused. ``FOLD_SCALE`` (``qk_scale > 0``, no
+    softcap) folds the scale into the exponent's FMA on blocks every row sees in full.
     """
     N_DV: tl.constexpr = BLOCK_D // BLOCK_DV
     pid0 = tl.program_id(0)
@@ -157,18 +184,23 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
     off_hk = off_h // GROUPS
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
     rmask = offs_m[:, None] < SQ
     dv0 = pid_dv * BLOCK_DV
     dv_lim = HEAD_DIM - dv0
 
     off_b64 = off_b.to(tl.int64)
-    q_base = Q + off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + dv0
     kpm_base = KPM + off_b64 * stride_kpmb
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=rmask & dmask, other=0.0)
+    if USE_TMA:
+        k_base = K
+        v_base = V
+        q = Q.load([off_b, off_h, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        q_base = Q + off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+        k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+        v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + dv0
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=rmask & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
     shift = SK - SQ
     pos = offs_m + shift
@@ -187,26 +219,29 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
-                               lo, a, SK, WL, WR, qk_scale, cap_scale, dv_lim, HEAD_DIM, BLOCK_D, BLOCK_DV,
-                               BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION,
-                               WHILE_LOOP)
+                               lo, a, SK, WL, WR, qk_scale, cap_scale, dv_lim, off_b, off_hk, dv0, HEAD_DIM,
+                               BLOCK_D, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O,
+                               DOT_PRECISION, WHILE_LOOP, USE_TMA, FOLD_SCALE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
-                               a, b, SK, WL, WR, qk_scale, cap_scale, dv_lim, HEAD_DIM, BLOCK_D, BLOCK_DV,
-                               BLOCK_N, False, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION,
-                               WHILE_LOOP)
+                               a, b, SK, WL, WR, qk_scale, cap_scale, dv_lim, off_b, off_hk, dv0, HEAD_DIM,
+                               BLOCK_D, BLOCK_DV, BLOCK_N, False, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O,
+                               DOT_PRECISION, WHILE_LOOP, USE_TMA, FOLD_SCALE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
-                               b, hi, SK, WL, WR, qk_scale, cap_scale, dv_lim, HEAD_DIM, BLOCK_D, BLOCK_DV,
-                               BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION,
-                               WHILE_LOOP)
+                               b, hi, SK, WL, WR, qk_scale, cap_scale, dv_lim, off_b, off_hk, dv0, HEAD_DIM,
+                               BLOCK_D, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O,
+                               DOT_PRECISION, WHILE_LOOP, USE_TMA, FOLD_SCALE)
 
     nonempty = l_i > 0.0
     if WRITE_O:
         l_safe = tl.where(nonempty, l_i, 1.0)
         out = acc / l_safe[:, None]
-        offs_dv = tl.arange(0, BLOCK_DV)
-        o_base = O + off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh + dv0
-        tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
-                 mask=rmask & (offs_dv[None, :] < dv_lim))
+        if USE_TMA:
+            O.store([off_b, off_h, start_m, dv0], out.to(O.dtype).reshape([1, 1, BLOCK_M, BLOCK_DV]))
+        else:
+            offs_dv = tl.arange(0, BLOCK_DV)
+            o_base = O + off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh + dv0
+            tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
+                     mask=rmask & (offs_dv[None, :] < dv_lim))
     if WRITE_LSE:
         if pid_dv == 0:
             lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
@@ -269,9 +304,9 @@ def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM, KVLEN,
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
-                               start, end, sk, WL, WR, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM, BLOCK_D,
+                               start, end, sk, WL, WR, qk_scale, cap_scale, HEAD_DIM, 0, 0, 0, HEAD_DIM, BLOCK_D,
                                BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, True, DOT_PRECISION,
-                               WHILE_LOOP)
+                               WHILE_LOOP, False, False)
     part = (pid_bk * NUM_SPLITS + pid_s).to(tl.int64) * BLOCK_R
     tl.store(OP + (part + rows[:, None]) * BLOCK_D + offs_d[None, :], acc, mask=rvalid[:, None])
     tl.store(MP + part + rows, m_i, mask=rvalid)
@@ -367,16 +402,43 @@ def attention_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal
     lse_t = lse if lse is not None else q
     bdv = min(config.get("BLOCK_DV", bd), bd) if write_o and o is not None else bd
     kv_same = bdv == bd and _same_tensor(k, v)
-    grid = (triton.cdiv(Sq, config["BLOCK_M"]) * (bd // bdv), B * Hq)
+    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    grid = (triton.cdiv(Sq, bm) * (bd // bdv), B * Hq)
+    descs = None
+    if config.get("TMA", 0):
+        descs = tma_descriptors((q, [bm, bd]), (k, [bn, bd]), (v, [bn, bdv]), (o_t, [bm, bdv]))
+    qa, ka, va, oa = descs if descs is not None else (q, k, v, o_t)
     attention_fwd_kernel[grid](
-        q, k, v, o_t, lse_t, kpm_t,
+        qa, ka, va, oa, lse_t, kpm_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o_t.stride(0), o_t.stride(1), o_t.stride(2), kpm_stride,
         Hq, Hq // Hkv, Sq, Sk, wl, wr, qk_scale, cap_scale,
-        HEAD_DIM=D, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn,
         HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, KV_SAME=kv_same,
         WRITE_O=write_o and o is not None, WRITE_LSE=lse is not None, DOT_PRECISION=dot_precision(q.dtype),
-        WHILE_LOOP=interpret_mode(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+        WHILE_LOOP=interpret_mode(), USE_TMA=descs is not None,
+        FOLD_SCALE=softcap is None and qk_scale > 0 and bool(config.get("FOLD", 1)),
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def tma_descriptors(*tensors_blocks):
+    """4-D tensor descriptors ``[(t, [rows, cols]), ...]`` -> blocks ``[1, 1, rows, cols]``, or None when
+    any tensor breaks the copy engine's rules (16-byte aligned base and strides, unit last stride).
+
+    A size-1 dim gets the stride a contiguous tensor would have there (it is never stepped over).
+    """
+    out = []
+    for t, (rows, cols) in tensors_blocks:
+        if t.dim() != 4 or t.stride(-1) != 1 or t.data_ptr() % 16:
+            return None
+        strides = list(t.stride())
+        for i in (2, 1, 0):
+            if t.shape[i] == 1:
+                strides[i] = strides[i + 1] * t.shape[i + 1]
+        if any(st <= 0 or (st * t.element_size()) % 16 for st in strides[:-1]):
+            return None
+        out.append(TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols]))
+    return out
 
 
 def split_rows(groups: int, sq: int) -> int:
@@ -438,5 +500,5 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
 
 
 __all__ = ["attention_fwd_kernel", "attention_split_fwd_kernel", "attention_combine_kernel", "attention_fwd",
-           "attention_split_fwd", "band", "score_constants", "dot_precision", "split_rows", "num_splits",
+           "attention_split_fwd", "tma_descriptors", "band", "score_constants", "dot_precision", "split_rows", "num_splits",
            "BIG", "LOG2E"]
