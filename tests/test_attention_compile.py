@@ -87,8 +87,7 @@ def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) 
     if kind == "fwd":
         bdv, bm, bn = min(cfg.get("BLOCK_DV", bd), bd), cfg["BLOCK_M"], cfg["BLOCK_N"]
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, WRITE_O=True, WRITE_LSE=True,
-                  USE_TMA=bool(cfg.get("TMA", 0)), FOLD_SCALE=bool(cfg.get("FOLD", 1)),
-                  LAZY_RESCALE=bool(cfg.get("LAZY", 0)), **_flags(dt))
+                  USE_TMA=bool(cfg.get("TMA", 0)), FOLD_SCALE=bool(cfg.get("FOLD", 1)), **_flags(dt))
         descs = None
         if ce["USE_TMA"]:
             descs = {"Q": [1, 1, bm, bd], "K": [1, 1, bn, bd], "V": [1, 1, bn, bdv], "O": [1, 1, bm, bdv]}

@@ -42,7 +42,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def _cfg(bm: int, bn: int, warps: int, stages: int, dv: int = 0, min_blocks: int = 0,
-         tma: bool = False, lazy: bool = False) -> dict[str, int]:
+         tma: bool = False) -> dict[str, int]:
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     if dv:
         cfg["BLOCK_DV"] = dv
@@ -50,8 +50,6 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, dv: int = 0, min_blocks: int
         cfg["MIN_BLOCKS"] = min_blocks
     if tma:
         cfg["TMA"] = 1
-    if lazy:
-        cfg["LAZY"] = 1
     return cfg
 
 
@@ -67,8 +65,7 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
     ``BLOCK_M`` query rows and ``BLOCK_N`` keys per step; ``BLOCK_DV`` (when set, < padded head dim)
     splits the output columns over programs that each recompute ``q @ k^T``; ``TMA: 1`` (Hopper lists
     only) moves Q/K/V/O through the copy engine (tensor descriptors; the launcher falls back to pointer
-    loads for tensors the engine cannot address); ``FOLD: 0`` turns off the scale-into-exponent fold;
-    ``LAZY: 1`` rescales the accumulator only when a row's max grew by more than 2**8. The register
+    loads for tensors the engine cannot address); ``FOLD: 0`` turns off the scale-into-exponent fold. The register
     accumulator is ``BLOCK_M x BLOCK_DV`` fp32 over ``32 * num_warps`` threads: head_dim 512 with
     ``BLOCK_M = 128`` needs ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and
     the Q tile (``BLOCK_M x 512``, 128 KB) stays in shared memory beside the K/V stages, which is why
@@ -84,20 +81,17 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
     if bd <= 128:
         base = [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)]
         if capability == 90:
-            base += [_cfg(128, 128, 8, 2, tma=True), _cfg(128, 64, 8, 3, lazy=True), _cfg(128, 128, 8, 2, lazy=True)]
+            base += [_cfg(128, 128, 8, 2, tma=True)]
         return base
     if bd <= 256:
         if capability == 90:
             return [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2),
-                    _cfg(128, 64, 8, 1), _cfg(128, 64, 8, 2, tma=True), _cfg(64, 64, 4, 3, tma=True),
-                    _cfg(128, 64, 8, 2, lazy=True), _cfg(64, 64, 4, 3, tma=True, lazy=True),
-                    _cfg(128, 32, 8, 3, lazy=True)]
+                    _cfg(128, 64, 8, 1), _cfg(128, 64, 8, 2, tma=True), _cfg(64, 64, 4, 3, tma=True)]
         return [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 1)]
     if capability == 90:
         return [_cfg(128, 32, 8, 2, 256), _cfg(128, 16, 8, 3, 256), _cfg(128, 64, 8, 1, 256),
                 _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2, 256), _cfg(128, 32, 8, 2, 256, tma=True),
-                _cfg(64, 32, 4, 3, 256, tma=True), _cfg(128, 32, 8, 2, 256, lazy=True),
-                _cfg(64, 32, 4, 3, 256, tma=True, lazy=True), _cfg(128, 16, 8, 3, 256, lazy=True)]
+                _cfg(64, 32, 4, 3, 256, tma=True)]
     return [_cfg(64, 32, 4, 2, 256), _cfg(128, 16, 8, 1, 256), _cfg(64, 32, 8, 2), _cfg(64, 16, 8, 3)]
 
 

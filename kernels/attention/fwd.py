@@ -56,15 +56,14 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, 
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
               KV_SAME: tl.constexpr, WRITE_O: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-              FOLD_SCALE: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+              FOLD_SCALE: tl.constexpr):
     """One key block ``[start_n, start_n + BLOCK_N)`` of the online softmax.
 
     ``v_base`` points at the first of the ``BLOCK_DV`` output columns this program owns (``DV_LIM``
     of them valid); ``KV_SAME`` reuses the K tile as V (only when ``BLOCK_DV == BLOCK_D``). With
     ``USE_TMA``, ``k_base`` / ``v_base`` are 4-D tensor descriptors (blocks ``[1, 1, BLOCK_N, BLOCK_D]`` /
     ``[1, 1, BLOCK_N, BLOCK_DV]``) read at batch ``tma_b``, head ``tma_h``, column ``tma_dv``; rows past
-    the keys and columns past the head dim come back as zeros. Returns ``(acc, l_i, m_i)`` where ``m_i``
-    is the reference max the exponentials of ``acc`` and ``l_i`` are relative to.
+    the keys and columns past the head dim come back as zeros.
     """
     offs_n = tl.arange(0, BLOCK_N)
     cols = start_n + offs_n
@@ -81,44 +80,27 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, 
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=offs_d[None, :] < HEAD_DIM,
                         other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    LAZY: tl.constexpr = FOLD_SCALE and LAZY_RESCALE and not MASKED and not HAS_KPM
-    if LAZY:
-        # every key visible; the reference max moves only when some row's max grew by more than 2**8, so
-        # p <= 256 and the accumulator is rescaled only then
+    if FOLD_SCALE and not MASKED and not HAS_KPM:
+        # every key of the block is visible: the scale folds into one FMA (qk_scale > 0) and the max is finite
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if tl.max(m_new - m_i, 0) > 8.0:
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            if WRITE_O:
-                acc = acc * alpha[:, None]
-            m_i = m_new
-        m_new = m_i
-        p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
     else:
-        if FOLD_SCALE and not MASKED and not HAS_KPM:
-            # every key of the block is visible: the scale folds into one FMA (qk_scale > 0), the max is finite
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-        else:
-            s = _scores(qk, qk_scale, cap_scale, HAS_SOFTCAP)
-            if MASKED:
-                vis = _visible(pos, cols, SK, WL, WR)
-                if HAS_KPM:
-                    kp = tl.load(kpm_base + cols, mask=cols < SK, other=0) != 0
-                    vis = vis & kp[None, :]
-                s = tl.where(vis, s, float("-inf"))
-            elif HAS_KPM:
-                kp = tl.load(kpm_base + cols) != 0
-                s = tl.where(kp[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if WRITE_O:
-            acc = acc * alpha[:, None]
+        s = _scores(qk, qk_scale, cap_scale, HAS_SOFTCAP)
+        if MASKED:
+            vis = _visible(pos, cols, SK, WL, WR)
+            if HAS_KPM:
+                kp = tl.load(kpm_base + cols, mask=cols < SK, other=0) != 0
+                vis = vis & kp[None, :]
+            s = tl.where(vis, s, float("-inf"))
+        elif HAS_KPM:
+            kp = tl.load(kpm_base + cols) != 0
+            s = tl.where(kp[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
     if WRITE_O:
         if KV_SAME:
             v = k
@@ -133,6 +115,7 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, 
                 v = tl.load(v_ptrs)
             else:
                 v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV_LIM, other=0.0)
+        acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -143,8 +126,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
                KV_SAME: tl.constexpr, WRITE_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               WHILE_LOOP: tl.constexpr, USE_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr,
-               LAZY_RESCALE: tl.constexpr):
+               WHILE_LOOP: tl.constexpr, USE_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr):
     """Key blocks ``start, start + BLOCK_N, ... < end``.
 
     ``WHILE_LOOP`` (set under ``TRITON_INTERPRET``, whose ``range`` cannot take bounds computed in the
@@ -157,7 +139,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
                                       start_n, SK, WL, WR, qk_scale, cap_scale, DV_LIM, tma_b, tma_h, tma_dv,
                                       HEAD_DIM, BLOCK_D, BLOCK_DV, BLOCK_N,
                                       MASKED, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION, USE_TMA,
-                                      FOLD_SCALE, LAZY_RESCALE)
+                                      FOLD_SCALE)
             start_n += BLOCK_N
     else:
         for start_n in range(start, end, BLOCK_N):
@@ -165,7 +147,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
                                       start_n, SK, WL, WR, qk_scale, cap_scale, DV_LIM, tma_b, tma_h, tma_dv,
                                       HEAD_DIM, BLOCK_D, BLOCK_DV, BLOCK_N,
                                       MASKED, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O, DOT_PRECISION, USE_TMA,
-                                      FOLD_SCALE, LAZY_RESCALE)
+                                      FOLD_SCALE)
     return acc, l_i, m_i
 
 
@@ -178,8 +160,7 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_KPM: tl.constexpr, KV_SAME: tl.constexpr, WRITE_O: tl.constexpr,
                          WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
-                         USE_TMA: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
-                         LAZY_RESCALE: tl.constexpr = False):
+                         USE_TMA: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False):
     """One program: BLOCK_M queries of one (batch, query head), output columns of one BLOCK_DV chunk.
 
     Grid ``(cdiv(Sq, BLOCK_M) * (BLOCK_D // BLOCK_DV), B * Hq)``; the D chunks of a query block are
@@ -191,10 +172,7 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
     ``[B, H, S, D]`` tensors (blocks ``[1, 1, BLOCK_M, BLOCK_D]``, ``[1, 1, BLOCK_N, BLOCK_D]``,
     ``[1, 1, BLOCK_N, BLOCK_DV]``, ``[1, 1, BLOCK_M, BLOCK_DV]``; the copy engine zero-fills reads past the
     edges and clips writes), and the pointer strides are unused. ``FOLD_SCALE`` (``qk_scale > 0``, no
-    softcap) folds the scale into the exponent's FMA on blocks every row sees in full; with
-    ``LAZY_RESCALE`` those blocks also keep the exponent's reference max (and skip rescaling the
-    accumulator) until some row's max has grown by more than 2**8 (probabilities stay <= 256 before the
-    final division, well inside fp32 / bf16 range).
+    softcap) folds the scale into the exponent's FMA on blocks every row sees in full.
     """
     N_DV: tl.constexpr = BLOCK_D // BLOCK_DV
     pid0 = tl.program_id(0)
@@ -243,15 +221,15 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
                                lo, a, SK, WL, WR, qk_scale, cap_scale, dv_lim, off_b, off_hk, dv0, HEAD_DIM,
                                BLOCK_D, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O,
-                               DOT_PRECISION, WHILE_LOOP, USE_TMA, FOLD_SCALE, LAZY_RESCALE)
+                               DOT_PRECISION, WHILE_LOOP, USE_TMA, FOLD_SCALE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
                                a, b, SK, WL, WR, qk_scale, cap_scale, dv_lim, off_b, off_hk, dv0, HEAD_DIM,
                                BLOCK_D, BLOCK_DV, BLOCK_N, False, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O,
-                               DOT_PRECISION, WHILE_LOOP, USE_TMA, FOLD_SCALE, LAZY_RESCALE)
+                               DOT_PRECISION, WHILE_LOOP, USE_TMA, FOLD_SCALE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
                                b, hi, SK, WL, WR, qk_scale, cap_scale, dv_lim, off_b, off_hk, dv0, HEAD_DIM,
                                BLOCK_D, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, WRITE_O,
-                               DOT_PRECISION, WHILE_LOOP, USE_TMA, FOLD_SCALE, LAZY_RESCALE)
+                               DOT_PRECISION, WHILE_LOOP, USE_TMA, FOLD_SCALE)
 
     nonempty = l_i > 0.0
     if WRITE_O:
@@ -328,7 +306,7 @@ def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM, KVLEN,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, pos,
                                start, end, sk, WL, WR, qk_scale, cap_scale, HEAD_DIM, 0, 0, 0, HEAD_DIM, BLOCK_D,
                                BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_KPM, KV_SAME, True, DOT_PRECISION,
-                               WHILE_LOOP, False, False, False)
+                               WHILE_LOOP, False, False)
     part = (pid_bk * NUM_SPLITS + pid_s).to(tl.int64) * BLOCK_R
     tl.store(OP + (part + rows[:, None]) * BLOCK_D + offs_d[None, :], acc, mask=rvalid[:, None])
     tl.store(MP + part + rows, m_i, mask=rvalid)
@@ -440,7 +418,6 @@ def attention_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal
         WRITE_O=write_o and o is not None, WRITE_LSE=lse is not None, DOT_PRECISION=dot_precision(q.dtype),
         WHILE_LOOP=interpret_mode(), USE_TMA=descs is not None,
         FOLD_SCALE=softcap is None and qk_scale > 0 and bool(config.get("FOLD", 1)),
-        LAZY_RESCALE=bool(config.get("LAZY", 0)),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
