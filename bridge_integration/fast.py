@@ -13,6 +13,11 @@ bridge's HookPoints:
   ``router.hook_top_k_index`` ``[batch, pos, k]`` and ``experts.hook_expert_outputs``
   ``[batch, pos, k, d_model]`` (each chosen expert's output before its routing weight).
 
+The HF model's final logit softcap runs once, in place on the logits (patch kind ``"logits"``,
+``gemma4_fast.logits``), except in calls where a hook sits on the unembed component (``unembed.hook_in`` /
+``hook_out``, the HF model's ``lm_head``), with labels or with gradients through the logits: there HF's
+out-of-place softcap runs, so ``unembed.hook_out`` always carries the raw pre-softcap logits, as in the seed.
+
 Blocks with no active hook inside skip the bridge's per-submodule wrappers (``quiet.py``): residual hooks
 still fire, and any inner hook puts the block back on the wrapped path for that call. The bridge's ``forward``,
 ``run_with_cache`` and ``run_with_hooks`` run with Python's cyclic garbage collector paused (``_gc_paused``).

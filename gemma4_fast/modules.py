@@ -14,6 +14,11 @@ wrapper around the module (TransformerBridge's ``original_component``) are untou
 - With transformers' ``gemma4_unified`` family (the encoder-free 12B): ``FastGemma4UnifiedRMSNorm``,
   ``FastGemma4UnifiedTextAttention`` and, when that family defines it, ``FastGemma4UnifiedTextMLP``
   (same code; that family has no MoE).
+- Top-level language models, kind ``"logits"`` (``gemma4_fast.logits``: the final logit softcap in place):
+  ``FastGemma4ForCausalLM``, ``FastGemma4ForConditionalGeneration`` and, with ``gemma4_unified``,
+  ``FastGemma4UnifiedForCausalLM`` / ``FastGemma4UnifiedForConditionalGeneration``. These keep their HF
+  class's ``__name__``, ``__qualname__`` and ``__module__`` (``save_pretrained`` writes the HF architecture
+  name; transformers' checks by class name and module see the HF class).
 
 Each instance reads its backend from ``_g4f_backend`` (``"auto"``, ``"triton"`` or ``"torch"``, set
 by ``patch_model``) and its hook seams from ``_g4f_hooks`` (``gemma4_fast.hooks``).
@@ -22,16 +27,24 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextAttention, Gemma4TextDecoderLayer,
+from transformers.models.gemma4.modeling_gemma4 import (Gemma4ForCausalLM, Gemma4ForConditionalGeneration,
+                                                        Gemma4RMSNorm, Gemma4TextAttention, Gemma4TextDecoderLayer,
                                                         Gemma4TextExperts, Gemma4TextMLP, Gemma4TextRouter)
 
 from .attention import FastAttentionMixin
 from .layer import FastDecoderLayerMixin
+from .logits import FastLogitsMixin
 from .mlp import FastMLPMixin
 from .moe import FastExpertsMixin, FastRouterMixin
 from .norm import FastRMSNormMixin
 
-KINDS = ("attention", "rms_norm", "router", "experts", "mlp", "residual")
+KINDS = ("attention", "rms_norm", "router", "experts", "mlp", "residual", "logits")
+
+
+def _hf_named(fast: type, hf: type) -> type:
+    """Give ``fast`` the name, qualified name and module of its HF base (for the top-level model classes)."""
+    fast.__name__, fast.__qualname__, fast.__module__ = hf.__name__, hf.__qualname__, hf.__module__
+    return fast
 
 
 class FastGemma4RMSNorm(FastRMSNormMixin, Gemma4RMSNorm):
@@ -57,6 +70,17 @@ class FastGemma4TextMLP(FastMLPMixin, Gemma4TextMLP):
 class FastGemma4TextDecoderLayer(FastDecoderLayerMixin, Gemma4TextDecoderLayer):
     """``Gemma4TextDecoderLayer`` with the residual adds fused into its norms (``gemma4_fast.layer``)."""
 
+
+class FastGemma4ForCausalLM(FastLogitsMixin, Gemma4ForCausalLM):
+    """``Gemma4ForCausalLM`` with the final logit softcap in place (``gemma4_fast.logits``)."""
+
+
+class FastGemma4ForConditionalGeneration(FastLogitsMixin, Gemma4ForConditionalGeneration):
+    """``Gemma4ForConditionalGeneration`` with the final logit softcap in place (``gemma4_fast.logits``)."""
+
+
+_hf_named(FastGemma4ForCausalLM, Gemma4ForCausalLM)
+_hf_named(FastGemma4ForConditionalGeneration, Gemma4ForConditionalGeneration)
 
 try:
     from transformers.models.gemma4_unified.modeling_gemma4_unified import (Gemma4UnifiedRMSNorm,
@@ -84,6 +108,24 @@ if Gemma4UnifiedTextMLP is not None:
 else:
     FastGemma4UnifiedTextMLP = None
 
+try:
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import (
+        Gemma4UnifiedForCausalLM, Gemma4UnifiedForConditionalGeneration)
+except ImportError:
+    Gemma4UnifiedForCausalLM = Gemma4UnifiedForConditionalGeneration = None
+
+if Gemma4UnifiedForCausalLM is not None:
+    class FastGemma4UnifiedForCausalLM(FastLogitsMixin, Gemma4UnifiedForCausalLM):
+        """``Gemma4UnifiedForCausalLM`` with the final logit softcap in place (``gemma4_fast.logits``)."""
+
+    class FastGemma4UnifiedForConditionalGeneration(FastLogitsMixin, Gemma4UnifiedForConditionalGeneration):
+        """``Gemma4UnifiedForConditionalGeneration`` with the final logit softcap in place."""
+
+    _hf_named(FastGemma4UnifiedForCausalLM, Gemma4UnifiedForCausalLM)
+    _hf_named(FastGemma4UnifiedForConditionalGeneration, Gemma4UnifiedForConditionalGeneration)
+else:
+    FastGemma4UnifiedForCausalLM = FastGemma4UnifiedForConditionalGeneration = None
+
 
 @lru_cache(maxsize=None)
 def fast_class_map() -> dict:
@@ -95,12 +137,17 @@ def fast_class_map() -> dict:
         Gemma4TextExperts: (FastGemma4TextExperts, "experts"),
         Gemma4TextMLP: (FastGemma4TextMLP, "mlp"),
         Gemma4TextDecoderLayer: (FastGemma4TextDecoderLayer, "residual"),
+        Gemma4ForCausalLM: (FastGemma4ForCausalLM, "logits"),
+        Gemma4ForConditionalGeneration: (FastGemma4ForConditionalGeneration, "logits"),
     }
     if Gemma4UnifiedRMSNorm is not None:
         table[Gemma4UnifiedRMSNorm] = (FastGemma4UnifiedRMSNorm, "rms_norm")
         table[Gemma4UnifiedTextAttention] = (FastGemma4UnifiedTextAttention, "attention")
     if Gemma4UnifiedTextMLP is not None:
         table[Gemma4UnifiedTextMLP] = (FastGemma4UnifiedTextMLP, "mlp")
+    if Gemma4UnifiedForCausalLM is not None:
+        table[Gemma4UnifiedForCausalLM] = (FastGemma4UnifiedForCausalLM, "logits")
+        table[Gemma4UnifiedForConditionalGeneration] = (FastGemma4UnifiedForConditionalGeneration, "logits")
     return table
 
 

@@ -13,8 +13,8 @@ Every function here takes a ``backend`` keyword:
   ``TRITON_INTERPRET=1``), else the naive twin (logged once at debug level).
 
 The kernel packages are looked up at call time (``gemma4_fast.kernels.attention`` / ``.moe`` /
-``.rmsnorm`` / ``.rope`` / ``.activation``), so code built on these functions does not change when a kernel
-lands or is replaced.
+``.rmsnorm`` / ``.rope`` / ``.activation`` / ``.softcap``), so code built on these functions does not change
+when a kernel lands or is replaced.
 Shapes and dtypes are those of the kernel ops; see their docstrings.
 """
 from __future__ import annotations
@@ -158,6 +158,15 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     ``[..., N]``. Under autograd the Triton forward is kept and the backward recomputes the naive op."""
     b = resolve(backend, "gelu_mul", gate, up, differentiable=True)
     return _run("activation", "gelu_mul", b, (gate, up), {})
+
+
+def logit_softcap(x: torch.Tensor, cap: float, *, out: Optional[torch.Tensor] = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """``gemma4_fast.kernels.softcap.logit_softcap`` or ``logit_softcap_naive``: ``cap * tanh(x / cap)`` on any
+    shape, into ``out`` when given (``out=x``: in place). The torch twin is HF's three ops in x's dtype (with
+    ``out``: chunk by chunk, bit-identical to HF). Under autograd the naive twin runs."""
+    b = resolve(backend, "logit_softcap", x)
+    return _fn("softcap", "logit_softcap", b)(x, cap, out=out)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: Optional[int],

@@ -11,10 +11,13 @@ backend on each module (``_g4f_backend``) and, when attention is patched, sets t
 Scope: ``Gemma4ForCausalLM``, ``Gemma4ForConditionalGeneration`` (only modules under the language
 model; vision and audio towers stay HF), the unified family (``gemma4_unified``, when transformers
 has it), or any module tree holding them (e.g. a TransformerBridge). Modules are found by
-``isinstance`` anywhere under the text model(s); a subclass of an HF class is left alone (reported).
+``isinstance`` anywhere under the text model(s); the top-level language model classes themselves (kind
+``"logits"``: the final logit softcap in place, ``gemma4_fast.logits``) anywhere in the tree. A subclass of
+an HF class is left alone (reported).
 """
 from __future__ import annotations
 
+import itertools
 import re
 import types
 from dataclasses import dataclass, field
@@ -130,7 +133,7 @@ class PatchReport:
             by_reason.setdefault(m.reason, []).append(m)
         out = []
         for reason, group in by_reason.items():
-            names = ", ".join(f"{m.name} ({m.kind})" for m in group[:show])
+            names = ", ".join(f"{m.name or '(model)'} ({m.kind})" for m in group[:show])
             more = f" and {len(group) - show} more" if len(group) > show else ""
             out.append(f"  {reason}: {names}{more}")
         return out
@@ -176,6 +179,13 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield from _walk(model, "", True, seen)
 
 
+def _top_level(model: nn.Module, classes: tuple) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for every top-level language model (an instance of ``classes``) in ``model``'s tree."""
+    for name, module in model.named_modules():
+        if isinstance(module, classes):
+            yield name, module
+
+
 def _layer_of(name: str) -> Optional[int]:
     found = _LAYER_RE.findall(name)
     return int(found[-1]) if found else None
@@ -207,11 +217,16 @@ def _module_unsupported(kind: str, module: nn.Module) -> Optional[str]:
         return "config has no top_k_experts"
     if kind == "mlp":
         return gelu_tanh_unsupported(getattr(module, "act_fn", None))
+    if kind == "logits":
+        if not isinstance(getattr(module, "lm_head", None), nn.Module):
+            return "the model has no lm_head module"
+        if module.config.get_text_config().final_logit_softcapping is None:
+            return "final_logit_softcapping is None: no softcap to apply"
     return None
 
 
 def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = True, moe: bool = True,
-                rms_norm: bool = True, mlp: bool = True) -> PatchReport:
+                rms_norm: bool = True, mlp: bool = True, logits: bool = True) -> PatchReport:
     """Swap the text path's Gemma 4 modules for the fast ones, in place; returns a ``PatchReport``.
 
     Args:
@@ -228,6 +243,12 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
             them; ``gemma4_fast.layer``).
         mlp: patch the dense ``Gemma4TextMLP`` (fused ``gelu_tanh(gate) * up``; the three linears stay
             HF modules). An MLP whose ``act_fn`` is not the tanh GELU stays on HF, with the reason.
+        logits: patch the top-level ``Gemma4ForCausalLM`` / ``Gemma4ForConditionalGeneration`` (and the
+            unified twins): the final logit softcap ``cap * tanh(logits / cap)`` runs once, in place on the
+            returned logits (``gemma4_fast.logits``), whenever no labels are given, the call returns a
+            ``ModelOutput``, autograd does not record through the logits and no hook on ``lm_head`` (or a global
+            module hook) could hold the raw logits; otherwise that call runs HF's forward. A model whose config
+            has no ``final_logit_softcapping`` stays on HF, with the reason.
 
     Calling it again on a patched model updates the backends (and patches what was left out before).
     """
@@ -236,14 +257,19 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     register()
     GENERATION += 1
     enabled = {"attention": attention, "rms_norm": rms_norm, "router": moe, "experts": moe, "mlp": mlp,
-               "residual": rms_norm}
+               "residual": rms_norm, "logits": logits}
     table = fast_class_map()
     fast_set = set(fast_classes())
     hf_for_fast = {fast: hf for hf, (fast, _) in table.items()}
     report = PatchReport(requested_backend=backend)
     default_probe = next(iter(model.parameters()), None)
     attention_modules: list[nn.Module] = []
-    for name, module in _candidates(model):
+    top_classes = tuple(hf for hf, (_, kind) in table.items() if kind == "logits")
+    done: set[int] = set()
+    for name, module in itertools.chain(_candidates(model), _top_level(model, top_classes)):
+        if id(module) in done:
+            continue
+        done.add(id(module))
         cls = type(module)
         if cls in fast_set:
             kind = table[hf_for_fast[cls]][1]
@@ -269,7 +295,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
         if why is not None:
             entry.reason = why
             continue
-        chosen, note = _resolve_backend(backend, _probe_tensor(module, default_probe))
+        probe_module = module.lm_head if kind == "logits" else module
+        chosen, note = _resolve_backend(backend, _probe_tensor(probe_module, default_probe))
         if chosen is None:
             entry.reason = note + (": backend left as it was" if already else "")
             continue

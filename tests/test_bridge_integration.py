@@ -260,6 +260,47 @@ def test_generate_matches_seed(tok):
     assert a == b
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+def test_unembed_hooks_see_raw_logits(backend, tok, monkeypatch):
+    """A plain forward softcaps the logits in place; ``run_with_cache`` / ``run_with_hooks`` on the unembed's
+    ``hook_out`` (alias ``hook_unembed``) get the raw pre-softcap logits, equal to the seed bridge's and never
+    overwritten afterwards."""
+    from gemma4_fast import ops
+
+    in_place = []
+    real = ops.logit_softcap
+
+    def spy(x, cap, *, out=None, backend="auto"):
+        in_place.append(out is x)
+        return real(x, cap, out=out, backend=backend)
+
+    monkeypatch.setattr(ops, "logit_softcap", spy)
+    seed, fast = _pair("tiny-dense-k-eq-v", tok, backend=backend)
+    assert fast.fast_kernels_report().patch.counts()["logits"] == (1, 1)
+    assert {"unembed.hook_out", "hook_unembed"} <= set(fast.hook_dict)
+    cap = fast.original_model.config.final_logit_softcapping
+    ids = fast.to_tokens(PROMPTS[0])
+    kept = {}
+
+    def keep(t, hook):
+        kept["raw"] = t
+
+    with torch.no_grad():
+        ref_logits, ref_cache = seed.run_with_cache(ids, names_filter=lambda n: "unembed" in n)
+        logits, cache = fast.run_with_cache(ids, names_filter=lambda n: "unembed" in n)
+        hooked = fast.run_with_hooks(ids, fwd_hooks=[("hook_unembed", keep)])
+        assert in_place == []
+        plain, seed_plain = fast(ids), seed(ids)
+    assert in_place == [True]
+    raw = cache["unembed.hook_out"]
+    assert _rel(raw, ref_cache["unembed.hook_out"]) <= 1e-4
+    assert _rel(kept["raw"], ref_cache["unembed.hook_out"]) <= 1e-4
+    assert (raw - logits).abs().max() > 1e-2, "the cached logits must be the raw ones"
+    torch.testing.assert_close(logits, cap * torch.tanh(raw / cap), rtol=1e-5, atol=1e-5)
+    for got, want in ((logits, ref_logits), (hooked, seed_plain), (plain, seed_plain)):
+        assert _rel(got, want) <= 1e-4
+
+
 def test_auto_falls_back_on_cpu_with_reason(tok, caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if torch.cuda.is_available():

@@ -207,7 +207,8 @@ def test_conditional_generation_patches_text_only():
     vision_classes = [type(m) for m in model.model.vision_tower.modules()]
     report = patch_model(model, backend="torch")
     assert report.counts()["attention"] == (6, 6)
-    assert all(m.name.startswith("model.language_model.") for m in report.modules)
+    assert all(m.name.startswith("model.language_model.") for m in report.modules if m.kind != "logits")
+    assert [(m.name, m.fast) for m in report.modules if m.kind == "logits"] == [("", True)]
     assert [type(m) for m in model.model.vision_tower.modules()] == vision_classes
     assert model.config.get_text_config()._attn_implementation == NAME
     assert model.config.vision_config._attn_implementation == "eager"

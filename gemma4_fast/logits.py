@@ -1,0 +1,173 @@
+"""Fast Gemma 4 top-level language models: the final logit softcap in place, in one pass.
+
+HF's ``Gemma4ForCausalLM.forward`` (likewise ``Gemma4ForConditionalGeneration`` and the ``gemma4_unified``
+classes) ends with ``logits = logits / cap; logits = torch.tanh(logits); logits = logits * cap``: three
+out-of-place passes over ``[batch, seq, vocab]`` logits (vocab 262144), and two logits-sized tensors alive at
+the peak. ``FastLogitsMixin.forward`` runs HF's forward with the text config's ``final_logit_softcapping`` set
+to None (restored in ``finally``, also when the forward raises) and then applies
+``gemma4_fast.ops.logit_softcap(logits, cap, out=logits)`` to the returned logits: one read and one write,
+no second tensor. The ``"triton"`` backend runs the Triton kernel (fp32 math, one rounding); ``"torch"`` runs
+HF's three ops chunk by chunk into the logits (bit-identical to HF, chunk-sized temporaries).
+
+The in-place path is taken only when all of these hold, else HF's forward runs unchanged:
+
+- the cap is a finite number > 0 (``None``: HF applies no softcap either);
+- ``labels`` is None (HF's loss must see the softcapped logits inside its forward);
+- the call returns a ``ModelOutput`` (``return_dict`` is not False, in the call or the config);
+- nothing can hold the raw logits: no user hook (``gemma4_fast.hooks.user_hooks``, backward hooks included)
+  on ``lm_head`` or any module under it (inside a TransformerBridge ``lm_head`` is the unembed component, whose
+  ``hook_out`` a ``run_with_cache`` caches: those raw logits must not change afterwards), and no global module
+  hooks.
+
+When the returned logits require grad (autograd recording through the LM head), the softcap is HF's three
+out-of-place ops on them instead (same numbers and gradients as HF's forward).
+
+Limits: while HF's forward runs on the in-place path, the text config reads ``final_logit_softcapping = None``
+(code in a hook that reads it sees None). Calls of fast models sharing a config take one re-entrant lock per
+config, so a concurrent call from another thread never sees the temporary None; a nested call (a hook running
+the model again) reads the real cap from this module's record. A pickled patched model cannot be unpickled by
+class name (the fast classes carry HF's names, so ``save_pretrained`` and transformers' class-name checks see
+the HF class); ``copy.deepcopy`` works.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import math
+import threading
+import weakref
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .hooks import global_module_hooks, user_hooks
+
+_MISSING = object()
+#: id(text config) -> its real cap while a fast call on that config runs (the config then reads None or the cap).
+_TRUE_CAP: dict[int, Any] = {}
+_LOCKS: dict[int, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(config: Any) -> threading.RLock:
+    """The re-entrant lock of ``config`` (created on first use, dropped when the config is collected)."""
+    key = id(config)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = threading.RLock()
+            weakref.finalize(config, _LOCKS.pop, key, None)
+    return lock
+
+
+@contextlib.contextmanager
+def _cap_reads(config: Any, value: Optional[float], true_cap: Any) -> Iterator[None]:
+    """``config.final_logit_softcapping`` reads ``value`` inside the block, with ``true_cap`` on record for
+    nested calls; both restored on exit."""
+    key = id(config)
+    prev_true = _TRUE_CAP.get(key, _MISSING)
+    prev_value = config.final_logit_softcapping
+    _TRUE_CAP[key] = true_cap
+    config.final_logit_softcapping = value
+    try:
+        yield
+    finally:
+        config.final_logit_softcapping = prev_value
+        if prev_true is _MISSING:
+            _TRUE_CAP.pop(key, None)
+        else:
+            _TRUE_CAP[key] = prev_true
+
+
+@functools.lru_cache(maxsize=None)
+def _positions(forward: Any) -> dict[str, int]:
+    """Positional index (after ``self``) of each named parameter of the (unbound) ``forward``."""
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    return {p.name: i for i, p in enumerate(params)
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _argument(forward: Any, name: str, args: tuple, kwargs: dict) -> Any:
+    """The value of parameter ``name`` of the bound method ``forward`` in a call with ``args`` / ``kwargs``."""
+    if name in kwargs:
+        return kwargs[name]
+    idx = _positions(forward.__func__).get(name)
+    return args[idx] if idx is not None and idx < len(args) else None
+
+
+def raw_logits_observers(module: nn.Module) -> Optional[str]:
+    """Why the raw (pre-softcap) logits of ``module``'s LM head may be held by someone (None when they cannot):
+    a user hook on ``lm_head`` or a module under it, or global module hooks."""
+    head = getattr(module, "lm_head", None)
+    if not isinstance(head, nn.Module):
+        return "the model has no lm_head module"
+    for name, m in head.named_modules():
+        if user_hooks(m, backward=True):
+            return f"a hook on lm_head{'.' + name if name else ''}"
+    if global_module_hooks(backward=True):
+        return "global module hooks are set"
+    return None
+
+
+def _valid_cap(cap: Any) -> bool:
+    return isinstance(cap, (int, float)) and not isinstance(cap, bool) and math.isfinite(cap) and cap > 0
+
+
+class FastLogitsMixin:
+    """Forward of the top-level Gemma 4 LM classes with the final softcap in place; see the module docstring.
+
+    Each subclass's ``forward`` carries its HF base's signature and docstring (``inspect.signature`` of the fast
+    forward is HF's: transformers' generation and TransformerLens read it)."""
+
+    _g4f_backend = "auto"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hf_forward = next(c.__dict__["forward"] for c in cls.__mro__
+                          if "forward" in c.__dict__ and not issubclass(c, FastLogitsMixin))
+
+        def forward(self: Any, *args: Any, **kw: Any) -> Any:
+            return FastLogitsMixin.forward(self, *args, **kw)
+
+        cls.forward = functools.update_wrapper(forward, hf_forward)
+
+    def _g4f_in_place_blocker(self, hf_forward: Any, cap: Any, args: tuple, kwargs: dict) -> Optional[str]:
+        """Why this call must run HF's forward unchanged (None when the in-place softcap is safe)."""
+        if cap is None:
+            return "final_logit_softcapping is None"
+        if not _valid_cap(cap):
+            return f"final_logit_softcapping is {cap!r}, not a finite number > 0"
+        if _argument(hf_forward, "labels", args, kwargs) is not None:
+            return "labels are given (the loss needs the softcapped logits)"
+        return_dict = kwargs.get("return_dict")
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        if not return_dict:
+            return "return_dict is False"
+        return raw_logits_observers(self)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hf_forward = super().forward
+        config = self.config.get_text_config()
+        with _lock(config):
+            cap = _TRUE_CAP.get(id(config), config.final_logit_softcapping)
+            why = self._g4f_in_place_blocker(hf_forward, cap, args, kwargs)
+            if why is not None:
+                ops.log_once(f"logits:{why}", f"logits: {why}; running HF's softcap", level=logging.DEBUG)
+                with _cap_reads(config, cap, cap):
+                    return hf_forward(*args, **kwargs)
+            with _cap_reads(config, None, cap):
+                out = hf_forward(*args, **kwargs)
+        logits = getattr(out, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise RuntimeError(f"gemma4_fast logits: {type(self).__name__}.forward returned {type(out).__name__} "
+                               "without a logits tensor; the final softcap could not be applied")
+        if torch.is_grad_enabled() and logits.requires_grad:
+            out.logits = ops.logit_softcap(logits, cap, backend="torch")
+            return out
+        ops.logit_softcap(logits, cap, out=logits, backend=self._g4f_backend)
+        return out
