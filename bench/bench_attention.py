@@ -89,6 +89,7 @@ SWEEP_CASES = [
     ("fwd", "hd128 causal", 1, 16, 8, 8192, 8192, 128, None, False),
     ("split", "decode hd512", 1, 16, 2, 1, 32768, 512, None, False),
     ("split", "decode hd512 8k", 1, 16, 2, 1, 8192, 512, None, True),
+    ("split", "decode hd512 2k", 1, 16, 2, 1, 2048, 512, None, True),
     ("split", "decode hd256 w1024", 1, 16, 8, 1, 32768, 256, 1024, False),
     ("split", "decode hd256", 1, 16, 8, 1, 32768, 256, None, False),
     ("scores", "pattern hd256 w1024", 1, 16, 8, 4096, 4096, 256, 1024, False),
@@ -106,13 +107,22 @@ def _rel(a, b) -> float:
     return ((a[fin] - b[fin]).norm() / b[fin].norm().clamp_min(1e-30)).item()
 
 
-def sweep(compile_only: bool, out_dir: Path) -> list[dict]:
+def sweep(compile_only: bool, out_dir: Path, only: str | None = None) -> list[dict]:
     """Time every candidate config per case; a candidate whose output differs from the first (tested)
-    config's by more than 2e-2 relative is rejected. Decode is timed as graph replays over rotated sets."""
+    config's by more than 2e-2 relative is rejected. Decode is timed as graph replays over rotated sets.
+
+    ``only``: sweep just the cases whose name contains it; the written table is then the shipped table with
+    those cases' entries replaced."""
     _, C, _, _ = _api()
     cap = C.capability_of(torch.device("cuda"))
     rows, table = [], {}
+    if only:
+        shipped = C.CONFIG_DIR / f"{gpu_slug()}.json"
+        if shipped.is_file():
+            table = dict(json.loads(shipped.read_text()).get("configs", {}))
     for kind, name, B, Hq, Hkv, Sq, Sk, D, window, bucketed in SWEEP_CASES:
+        if only and only not in name:
+            continue
         if compile_only:
             Sq, Sk = min(Sq, 256), min(Sk, 1024)
         n_sets = 1
@@ -231,6 +241,29 @@ def _graph_ms(fns) -> float:
     return cuda_time_ms(g.replay, warmup=3, rep=20)["ms"] / len(fns)
 
 
+def decode_rows(ceil: dict) -> list[dict]:
+    """Public-op decode (Sq = 1) timed as CUDA-graph replays over rotated inputs; GB/s of K/V (+ q, o) read."""
+    from gemma4_fast.kernels.attention import attention
+    rows = []
+    for D, Hq, Hkv, Sk, W in [(512, 16, 2, n, None) for n in (2048, 8192, 32768, 131072)] + \
+                             [(256, 16, 8, 32768, 1024), (256, 8, 1, 32768, 512), (512, 8, 1, 32768, None)]:
+        keys = min(Sk, W or Sk)
+        kv_bytes = 2 * Hkv * keys * D * 2
+        n_sets = max(1, min(16, -(-3 * L2_BYTES // kv_bytes)))
+        sets = [make_qkv(1, Hq, Hkv, 1, Sk, D, seed=i) for i in range(n_sets)]
+        fns = [(lambda q=q, k=k, v=v: attention(q, k, v, scale=1.0, window=W)) for q, k, v in sets]
+        t = _graph_ms(fns)
+        gbps = (kv_bytes + 2 * Hq * D * 2) / (t * 1e-3) / 1e9
+        rows.append({"case": f"decode hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}", "op": "decode",
+                     "head_dim": D, "Sk": Sk, "window": W, "Hq": Hq, "Hkv": Hkv, "ms": round(t, 4),
+                     "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / (ceil["copy_TBps"] * 1e3), 1),
+                     "sets": n_sets})
+        print(rows[-1], flush=True)
+        del sets, fns
+        torch.cuda.empty_cache()
+    return rows
+
+
 def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
     from gemma4_fast.kernels.attention import attention, attention_pattern, attention_scores
     rows = []
@@ -266,22 +299,7 @@ def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
                      "ms": round(t, 4), "TFLOPs": round(4 * visible_pairs(S, S, W) * D * Hq / (t * 1e-3) / 1e12, 1)})
         print(rows[-1], flush=True)
         del q, k, v
-    for D, Hq, Hkv, Sk, W in [(512, 16, 2, n, None) for n in (2048, 8192, 32768, 131072)] + \
-                             [(256, 16, 8, 32768, 1024), (256, 8, 1, 32768, 512), (512, 8, 1, 32768, None)]:
-        keys = min(Sk, W or Sk)
-        kv_bytes = 2 * Hkv * keys * D * 2
-        n_sets = max(1, min(16, -(-3 * L2_BYTES // kv_bytes)))
-        sets = [make_qkv(1, Hq, Hkv, 1, Sk, D, seed=i) for i in range(n_sets)]
-        fns = [(lambda q=q, k=k, v=v: attention(q, k, v, scale=1.0, window=W)) for q, k, v in sets]
-        t = _graph_ms(fns)
-        gbps = (kv_bytes + 2 * Hq * D * 2) / (t * 1e-3) / 1e9
-        rows.append({"case": f"decode hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}", "op": "decode",
-                     "head_dim": D, "Sk": Sk, "window": W, "Hq": Hq, "Hkv": Hkv, "ms": round(t, 4),
-                     "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / (ceil["copy_TBps"] * 1e3), 1),
-                     "sets": n_sets})
-        print(rows[-1], flush=True)
-        del sets, fns
-        torch.cuda.empty_cache()
+    rows += decode_rows(ceil)
     for D, Hq, Hkv, S, W in [(256, 16, 8, 4096, 1024), (512, 16, 2, 4096, None)]:
         q, k, v = make_qkv(1, Hq, Hkv, S, S, D)
         out_bytes = Hq * S * S * 2
@@ -309,13 +327,20 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--final", action="store_true")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--only", default=None, help="sweep only the cases whose name contains this (e.g. decode); "
+                    "with --final, 'decode' runs only the decode rows (attention_decode.json)")
     args = ap.parse_args(argv)
     out_dir = Path(os.environ.get("GEMMA4_FAST_RESULTS") or Path(__file__).resolve().parent / "results" / gpu_slug())
     if args.compile_only:
         sweep(True, out_dir)
     if args.sweep:
-        sweep(False, out_dir)
-    if args.final or not (args.compile_only or args.sweep):
+        sweep(False, out_dir, args.only)
+    if args.final and args.only == "decode":
+        ceil = ceilings()
+        rows = decode_rows(ceil)
+        print("wrote", write_results("attention_decode", rows, out_dir=out_dir, extra={"ceilings": ceil}))
+        print_table(rows, ["case", "ms", "GBps", "pct_copy_bw", "sets"])
+    elif args.final or not (args.compile_only or args.sweep):
         final(out_dir, with_sdpa=not args.no_sdpa)
 
 

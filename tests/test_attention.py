@@ -172,6 +172,24 @@ def test_attention_cpu_tma_dv_split_and_fallback(cpu_kernels, monkeypatch):
     assert rel(o, ref64(q, base, base, window=9)[0]) <= 1e-4
 
 
+SPLIT_CASES = [c for c in CPU_CASES if c[3] <= 16]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "B{}H{}-{}S{}x{}D{}w{}c{}{}p{}kv{}".format(*c))
+def test_attention_cpu_split_combine_chunks(cpu_kernels, monkeypatch, case):
+    """Decode path with many one-block splits and the combine kernel split over output columns."""
+    monkeypatch.setenv("GEMMA4_FAST_ATTN_SPLIT_CONFIG", '{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, '
+                       '"MIN_BLOCKS": 1, "MAX_SPLITS": 512, "COMBINE_D": 32}')
+    B, Hq, Hkv, Sq, Sk, D, window, softcap, causal, pad, kv_same = case
+    q, k, v, kpm = make_inputs(B, Hq, Hkv, Sq, Sk, D, pad=pad, kv_same=kv_same)
+    kw = dict(window=window, softcap=softcap, causal=causal, key_padding_mask=kpm)
+    o, lse = A.attention(q, k, v, return_lse=True, **kw)
+    ro, rlse = ref64(q, k, v, **kw)
+    assert not torch.isnan(o).any()
+    assert rel(o, ro) <= 1e-4
+    check_lse(lse, rlse, 1e-4)
+
+
 def test_attention_cpu_fp16_three_way(cpu_kernels):
     q, k, v, kpm = make_inputs(1, 4, 2, 63, 63, 64, dtype=torch.float16, pad=[9])
     kw = dict(window=20, key_padding_mask=kpm)

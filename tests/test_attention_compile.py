@@ -82,8 +82,10 @@ def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) 
     fwd, pattern = _kernels()
     bd = C.block_d(head_dim)
     if kind == "combine":
-        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_R=16, BLOCK_S=128, CHUNK_S=8, WRITE_LSE=True)
-        return compile_like_launch(fwd.attention_combine_kernel, dt, ce, capability, 4, 1)
+        bdc = min(bd, cfg.get("COMBINE_D", bd))
+        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DC=bdc, BLOCK_R=16, BLOCK_S=cfg.get("BLOCK_S", 128),
+                  CHUNK_S=max(1, min(16, 4096 // bdc)), WRITE_LSE=True)
+        return compile_like_launch(fwd.attention_combine_kernel, dt, ce, capability, 4 if bdc >= 256 else 2, 1)
     if kind == "fwd":
         bdv, bm, bn = min(cfg.get("BLOCK_DV", bd), bd), cfg["BLOCK_M"], cfg["BLOCK_N"]
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, WRITE_O=True, WRITE_LSE=True,
@@ -147,7 +149,9 @@ def test_default_configs_compile():
             ("split", 512, "bf16", C.attention_split_configs(512, 2, 90)[0], 90),
             ("split", 512, "bf16", C.attention_split_configs(512, 2, 80)[0], 80),
             ("scores", 512, "bf16", C.attention_scores_configs(512, 2, 80)[0], 80),
-            ("combine", 512, "bf16", {}, 80), ("combine", 512, "bf16", {}, 90)]
+            ("combine", 512, "bf16", {}, 80), ("combine", 512, "bf16", {}, 90),
+            ("combine", 512, "bf16", {"COMBINE_D": 64, "BLOCK_S": 512}, 80),
+            ("combine", 512, "bf16", {"COMBINE_D": 128, "BLOCK_S": 256}, 90)]
     _check_many(jobs)
 
 

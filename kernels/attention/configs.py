@@ -97,16 +97,22 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
 
 def attention_split_configs(head_dim: int, elem_bytes: int = 2, capability: int = 90) -> list[dict[str, int]]:
     """Candidate configs of the split-key (decode) kernel: ``BLOCK_N`` keys per step, warps, pipeline
-    depth, and ``MIN_BLOCKS`` (launcher only: fewest key blocks per split, default 4)."""
+    depth, and launcher keys: ``MIN_BLOCKS`` (fewest key blocks per split, default 4), ``MAX_SPLITS`` (most
+    splits per KV head, default 128) and ``COMBINE_D`` (output columns per program of the combine kernel,
+    default the padded head dim)."""
     bd = block_d(head_dim)
     if elem_bytes >= 4:
         return [_cfg(0, 16, 4, 1), _cfg(0, 32, 4, 1)]
     if bd <= 128:
         return [_cfg(0, 64, 4, 3), _cfg(0, 128, 4, 2), _cfg(0, 32, 4, 4), _cfg(0, 64, 4, 3, min_blocks=8)]
     if bd <= 256:
-        return [_cfg(0, 32, 4, 3), _cfg(0, 64, 4, 2), _cfg(0, 64, 8, 3), _cfg(0, 32, 4, 3, min_blocks=8)]
+        return [_cfg(0, 32, 4, 3), _cfg(0, 64, 4, 2), _cfg(0, 64, 8, 3), _cfg(0, 32, 4, 3, min_blocks=8),
+                dict(_cfg(0, 32, 4, 3), COMBINE_D=128),
+                dict(_cfg(0, 32, 4, 3, min_blocks=2), MAX_SPLITS=256, COMBINE_D=128)]
     return [_cfg(0, 16, 4, 3), _cfg(0, 32, 4, 2), _cfg(0, 32, 8, 3), _cfg(0, 16, 4, 3, min_blocks=8),
-            _cfg(0, 16, 4, 3, min_blocks=16)]
+            dict(_cfg(0, 16, 4, 3), COMBINE_D=128), dict(_cfg(0, 16, 4, 3, min_blocks=2), MAX_SPLITS=256, COMBINE_D=128),
+            dict(_cfg(0, 32, 4, 2, min_blocks=2), MAX_SPLITS=256, COMBINE_D=128),
+            dict(_cfg(0, 16, 4, 2, min_blocks=2), MAX_SPLITS=512, COMBINE_D=64)]
 
 
 def attention_scores_configs(head_dim: int, elem_bytes: int = 2, capability: int = 90) -> list[dict[str, int]]:

@@ -316,10 +316,14 @@ def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM, KVLEN,
 @triton.jit(do_not_specialize=["H_KV", "GROUPS", "SQ", "NUM_SPLITS"])
 def attention_combine_kernel(OP, MP, LP, O, LSE, stride_ob, stride_oh, stride_om,
                              H_KV, GROUPS, SQ, NUM_SPLITS,
-                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                             BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, WRITE_LSE: tl.constexpr):
-    """Merge the split partials of one query row; grid ``(B * Hkv * GROUPS * Sq,)``."""
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+                             WRITE_LSE: tl.constexpr):
+    """Merge the split partials of one query row, ``BLOCK_DC`` output columns per program; grid
+    ``(B * Hkv * GROUPS * Sq, BLOCK_D // BLOCK_DC)`` (the column chunks of a row spread the partial reads over
+    more programs; the first chunk writes the LSE)."""
     pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
     n_rows = GROUPS * SQ
     pid_bk = pid // n_rows
     r = pid % n_rows
@@ -335,8 +339,8 @@ def attention_combine_kernel(OP, MP, LP, O, LSE, stride_ob, stride_oh, stride_om
     l_tot = tl.sum(l_s * tl.math.exp2(m_s - m_use), 0)
 
     offs_c = tl.arange(0, CHUNK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    offs_d = pid_d * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    acc = tl.zeros([BLOCK_DC], dtype=tl.float32)
     for s0 in range(0, BLOCK_S, CHUNK_S):
         sc = s0 + offs_c
         smask = sc < NUM_SPLITS
@@ -348,9 +352,10 @@ def attention_combine_kernel(OP, MP, LP, O, LSE, stride_ob, stride_oh, stride_om
     o_ptr = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + qi.to(tl.int64) * stride_om
     tl.store(o_ptr + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
     if WRITE_LSE:
-        lse = tl.where(nonempty, (m + tl.math.log2(tl.where(nonempty, l_tot, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        tl.store(LSE + (off_b * H_KV * GROUPS + off_h).to(tl.int64) * SQ + qi, lse)
+        if pid_d == 0:
+            lse = tl.where(nonempty, (m + tl.math.log2(tl.where(nonempty, l_tot, 1.0))) * 0.6931471805599453,
+                           float("-inf"))
+            tl.store(LSE + (off_b * H_KV * GROUPS + off_h).to(tl.int64) * SQ + qi, lse)
 
 
 def band(window, causal: bool) -> tuple[int, int]:
@@ -477,7 +482,8 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
         key_hi = min(Sk, Sk - 1 + wr + 1)
     else:
         key_lo, key_hi = 0, Sk
-    ns, per = num_splits(key_hi - key_lo, bn, B * Hkv, sm_count, min_blocks=config.get("MIN_BLOCKS", 4))
+    ns, per = num_splits(key_hi - key_lo, bn, B * Hkv, sm_count, max_splits=config.get("MAX_SPLITS", 128),
+                         min_blocks=config.get("MIN_BLOCKS", 4))
     op = new_empty((B * Hkv, ns, br, bd), torch.float32, q.device)
     mp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
     lp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
@@ -492,11 +498,12 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
         DOT_PRECISION=dot_precision(q.dtype), WHILE_LOOP=interpret_mode(), num_warps=config["num_warps"],
         num_stages=config["num_stages"])
     lse_t = lse if lse is not None else mp
-    chunk = max(1, min(16, 4096 // bd))
-    attention_combine_kernel[(B * Hkv * groups * Sq,)](
+    bdc = min(bd, config.get("COMBINE_D", bd))
+    chunk = max(1, min(16, 4096 // bdc))
+    attention_combine_kernel[(B * Hkv * groups * Sq, bd // bdc)](
         op, mp, lp, o, lse_t, o.stride(0), o.stride(1), o.stride(2), Hkv, groups, Sq, ns,
-        HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=br, BLOCK_S=max(2, triton.next_power_of_2(ns)),
-        CHUNK_S=triton.next_power_of_2(chunk), WRITE_LSE=lse is not None, num_warps=4 if bd >= 256 else 2)
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_DC=bdc, BLOCK_R=br, BLOCK_S=max(2, triton.next_power_of_2(ns)),
+        CHUNK_S=triton.next_power_of_2(chunk), WRITE_LSE=lse is not None, num_warps=4 if bdc >= 256 else 2)
 
 
 __all__ = ["attention_fwd_kernel", "attention_split_fwd_kernel", "attention_combine_kernel", "attention_fwd",
