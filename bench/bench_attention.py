@@ -264,7 +264,11 @@ def decode_rows(ceil: dict) -> list[dict]:
     return rows
 
 
-def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
+def final(out_dir: Path, with_sdpa: bool = True, graphs: bool = True, prefill_only: bool = False) -> list[dict]:
+    """The public ops against SDPA. Prefill rows: ``ms`` per call (events around one call after a sync: the
+    wrapper's host time counts), ``graph_ms`` from CUDA-graph replays (GPU time, as inside a captured or
+    host-ahead forward); causal head_dim-256 rows time SDPA both ways (``speedup`` / ``speedup_graph``).
+    ``prefill_only`` stops after the prefill rows and writes ``attention_prefill.json``."""
     from gemma4_fast.kernels.attention import attention, attention_pattern, attention_scores
     rows = []
     ceil = ceilings()
@@ -279,12 +283,18 @@ def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
                "head_dim": D, "S": S, "window": W, "Hq": Hq, "Hkv": Hkv}
         t = _time_ms(lambda: attention(q, k, v, scale=1.0, window=W))
         row.update(ms=round(t, 4), TFLOPs=round(flops / (t * 1e-3) / 1e12, 1))
+        if graphs:
+            tg = _graph_ms([lambda: attention(q, k, v, scale=1.0, window=W)])
+            row.update(graph_ms=round(tg, 4), graph_TFLOPs=round(flops / (tg * 1e-3) / 1e12, 1))
         slow_sdpa = D == 512 and S > 16384
         if with_sdpa and not slow_sdpa:
             try:
                 ts = _time_ms(_sdpa(q, k, v, W), slow=D == 512 or W is not None)
                 row.update(sdpa_ms=round(ts, 4), sdpa_TFLOPs=round(flops / (ts * 1e-3) / 1e12, 1),
                            speedup=round(ts / t, 2))
+                if graphs and D == 256 and W is None:
+                    tsg = _graph_ms([_sdpa(q, k, v, W)])
+                    row.update(sdpa_graph_ms=round(tsg, 4), speedup_graph=round(tsg / tg, 2))
             except Exception as exc:
                 row["sdpa_error"] = f"{type(exc).__name__}"
         rows.append(row)
@@ -299,6 +309,11 @@ def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
                      "ms": round(t, 4), "TFLOPs": round(4 * visible_pairs(S, S, W) * D * Hq / (t * 1e-3) / 1e12, 1)})
         print(rows[-1], flush=True)
         del q, k, v
+    if prefill_only:
+        print("wrote", write_results("attention_prefill", rows, out_dir=out_dir, extra={"ceilings": ceil}))
+        print_table(rows, ["case", "ms", "TFLOPs", "graph_ms", "graph_TFLOPs", "sdpa_TFLOPs", "speedup",
+                           "speedup_graph"])
+        return rows
     rows += decode_rows(ceil)
     for D, Hq, Hkv, S, W in [(256, 16, 8, 4096, 1024), (512, 16, 2, 4096, None)]:
         q, k, v = make_qkv(1, Hq, Hkv, S, S, D)
@@ -317,7 +332,8 @@ def final(out_dir: Path, with_sdpa: bool = True) -> list[dict]:
         torch.cuda.empty_cache()
     path = write_results("attention", rows, out_dir=out_dir, extra={"ceilings": ceil})
     print("wrote", path)
-    print_table(rows, ["case", "ms", "TFLOPs", "sdpa_TFLOPs", "speedup", "GBps", "pct_copy_bw"])
+    print_table(rows, ["case", "ms", "TFLOPs", "graph_TFLOPs", "sdpa_TFLOPs", "speedup", "speedup_graph", "GBps",
+                       "pct_copy_bw"])
     return rows
 
 
@@ -327,6 +343,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--final", action="store_true")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--prefill-only", action="store_true", help="with --final: the prefill rows only")
     ap.add_argument("--only", default=None, help="sweep only the cases whose name contains this (e.g. decode); "
                     "with --final, 'decode' runs only the decode rows (attention_decode.json)")
     args = ap.parse_args(argv)
@@ -341,7 +358,7 @@ def main(argv=None) -> None:
         print("wrote", write_results("attention_decode", rows, out_dir=out_dir, extra={"ceilings": ceil}))
         print_table(rows, ["case", "ms", "GBps", "pct_copy_bw", "sets"])
     elif args.final or not (args.compile_only or args.sweep):
-        final(out_dir, with_sdpa=not args.no_sdpa)
+        final(out_dir, with_sdpa=not args.no_sdpa, prefill_only=args.prefill_only)
 
 
 # ------------------------------------------------------------------ pytest-benchmark suite
