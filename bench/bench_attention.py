@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, cuda_time_ms, gpu_slug, print_table, write_results  # noqa: E402
+from common import (ceilings, cuda_time_ms, gpu_slug, needs_cuda_benchmark, print_table,  # noqa: E402
+                    write_results)
 
 L2_BYTES = 50 * 2**20
 
@@ -363,19 +364,10 @@ def main(argv=None) -> None:
 
 # ------------------------------------------------------------------ pytest-benchmark suite
 
-try:
-    import pytest
-except ImportError:  # script mode without pytest
-    pytest = None
+needs_cuda = needs_cuda_benchmark()
 
-if pytest is not None:
-    try:
-        import pytest_benchmark  # noqa: F401
-        _have_benchmark = True
-    except ImportError:
-        _have_benchmark = False
-    needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _have_benchmark),
-                                    reason="needs CUDA and pytest-benchmark")
+if needs_cuda is not None:
+    import pytest
 
     @needs_cuda
     @pytest.mark.parametrize("D,Hq,Hkv,S,W", [(512, 16, 2, 4096, None), (256, 16, 8, 16384, 1024),

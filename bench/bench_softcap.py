@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, cuda_time_ms, gpu_slug, print_table, write_results  # noqa: E402
+from common import (ceilings, cuda_time_ms, gpu_slug, needs_cuda_benchmark, print_table,  # noqa: E402
+                    write_results)
 
 VOCAB = 262144
 CAP = 30.0
@@ -80,19 +81,12 @@ def main() -> None:
 
 # ------------------------------------------------------------------ pytest-benchmark suite
 
-try:
+needs_cuda = needs_cuda_benchmark()
+
+if needs_cuda is not None:
     import pytest
-except ImportError:  # script mode without pytest
-    pytest = None
 
-if pytest is not None:
-    try:
-        import pytest_benchmark  # noqa: F401
-        _have_benchmark = True
-    except ImportError:
-        _have_benchmark = False
-
-    @pytest.mark.skipif(not (torch.cuda.is_available() and _have_benchmark), reason="needs CUDA and pytest-benchmark")
+    @needs_cuda
     @pytest.mark.parametrize("tokens", [4096])
     def test_bench_softcap_in_place(benchmark, tokens):
         from gemma4_fast.kernels.softcap import logit_softcap

@@ -97,6 +97,21 @@ def ceilings(size_mb: int = 1024, mm: int = 8192) -> dict[str, float]:
     return {"copy_TBps": round(copy_tbps, 3), "bf16_mm_TFLOPs": round(mm_tflops, 1)}
 
 
+def needs_cuda_benchmark():
+    """pytest mark skipping a benchmark without CUDA or pytest-benchmark; None when pytest is not importable
+    (a bench file run as a script)."""
+    try:
+        import pytest
+    except ImportError:
+        return None
+    try:
+        import pytest_benchmark  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    return pytest.mark.skipif(not (torch.cuda.is_available() and have), reason="needs CUDA and pytest-benchmark")
+
+
 def write_results(suite: str, rows: Sequence[dict[str, Any]], *, out_dir: str | Path | None = None,
                   extra: dict[str, Any] | None = None) -> Path:
     """Write ``rows`` as ``<out_dir>/<suite>.json`` with GPU name, versions, commit and date.
