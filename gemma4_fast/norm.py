@@ -4,7 +4,8 @@ Same parameters (``weight`` when ``with_scale``), same attributes (``eps``, ``wi
 maps ``[..., d]`` to ``[..., d]`` in the input dtype with fp32 math and no ``1 + w`` offset.
 
 Seams (``gemma4_fast.hooks``): ``scale`` ``[..., 1]`` fp32 and ``normalized`` ``[..., d]`` fp32. When
-either is active the kernel supplies the per-row scale and the rest runs in torch with
+either is active the kernel supplies the per-row scale (and, for ``normalized``, the fp32 rows
+``x_f32 * scale`` in the same pass, unless a ``scale`` hook edited the scale) and the rest runs in torch with
 HookedTransformer's order: ``y = hook_normalized(x_f32 * hook_scale(scale)) * w``, cast to x's dtype. A hook that
 returns its input unchanged (observes) keeps the kernel's ``y``, which is the same arithmetic in the same order.
 """
@@ -34,11 +35,14 @@ class FastRMSNormMixin:
         hook_normalized = get_hook(self, "normalized")
         if hook_scale is None and hook_normalized is None:
             return ops.rms_norm(hidden_states, weight, self.eps, backend=self._g4f_backend)
-        res = ops.rms_norm(hidden_states, weight, self.eps, return_scale=True, backend=self._g4f_backend)
+        res = ops.rms_norm(hidden_states, weight, self.eps, return_scale=True,
+                           return_normalized=hook_normalized is not None, normalized_dtype=torch.float32,
+                           backend=self._g4f_backend)
         scale = _apply(hook_scale, res.scale)
         if hook_normalized is None and scale is res.scale:
             return res.y
-        normed = hidden_states.float() * scale
+        # the kernel's fp32 rows equal x.float() * scale bit for bit; an edited scale is applied in torch
+        normed = res.normalized if scale is res.scale else hidden_states.float() * scale
         normalized = _apply(hook_normalized, normed)
         if normalized is normed and scale is res.scale:
             return res.y  # observed, not edited: the kernel computed (x * scale) * w in this order already

@@ -136,11 +136,13 @@ def _fn(pkg: str, name: str, backend: str):
 
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, backend: str = "auto",
-             return_scale: bool = False, return_normalized: bool = False):
+             return_scale: bool = False, return_normalized: bool = False,
+             normalized_dtype: Optional[torch.dtype] = None):
     """``gemma4_fast.kernels.rmsnorm.rms_norm`` or ``rms_norm_naive`` (see there for shapes)."""
     b = resolve(backend, "rms_norm", x, weight, differentiable=not (return_scale or return_normalized))
     return _run("rmsnorm", "rms_norm", b, (x, weight),
-                dict(eps=eps, return_scale=return_scale, return_normalized=return_normalized))
+                dict(eps=eps, return_scale=return_scale, return_normalized=return_normalized,
+                     normalized_dtype=normalized_dtype))
 
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *,

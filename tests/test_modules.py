@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gemma4_fast import hooks, ops
+from gemma4_fast.kernels._common import interpret_mode
 from gemma4_fast.attention import attention_core
 from gemma4_fast.models import build_model
 from gemma4_fast.modules import (FastGemma4RMSNorm, FastGemma4TextAttention, FastGemma4TextExperts,
@@ -68,12 +69,15 @@ def test_rmsnorm_matches_hf(with_scale, shape, backend):
         assert rel_err(fast(x), hf(x)) <= RTOL
 
 
-def test_rmsnorm_seams_shapes_and_edits():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rmsnorm_seams_shapes_and_edits(backend):
+    if backend == "triton" and not interpret_mode():
+        pytest.skip("the triton backend on CPU needs TRITON_INTERPRET=1")
     hf = Gemma4RMSNorm(29, eps=1e-6)
     torch.nn.init.normal_(hf.weight)
     fast = copy.deepcopy(hf)
     fast.__class__ = FastGemma4RMSNorm
-    fast._g4f_backend = "torch"
+    fast._g4f_backend = backend
     x = torch.randn(2, 5, 29)
     seen = {}
 
@@ -92,7 +96,15 @@ def test_rmsnorm_seams_shapes_and_edits():
     ref = (hf._norm(x.float()) + 0.5) * hf.weight.float()
     assert rel_err(fast(x), ref) <= RTOL
     assert seen["normalized"] == (torch.Size([2, 5, 29]), torch.float32)
-    hooks.clear_hooks(fast)
+    hooks.set_hooks(fast, scale=scale_hook, normalized=normalized_hook)
+    assert rel_err(fast(x), (2 * hf._norm(x.float()) + 0.5) * hf.weight.float()) <= RTOL
+    got = {}
+    hooks.set_hooks(fast, scale=lambda t: got.setdefault("s", t), normalized=lambda t: got.setdefault("n", t))
+    with torch.no_grad():  # the weight requires grad: with autograd on, the hooked path runs the naive op
+        observed = fast(x)
+        hooks.clear_hooks(fast)
+        assert torch.equal(observed, fast(x)), "observing hooks must keep the unhooked output"
+    assert torch.equal(got["n"], x.float() * got["s"]), "hook_normalized must be x.float() * hook_scale"
     assert rel_err(fast(x), hf(x)) <= RTOL
 
 

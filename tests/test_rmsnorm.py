@@ -136,6 +136,29 @@ def test_extras(dtype):
     assert only.scale is None and only.normalized is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp32_normalized_rows(dtype):
+    """``normalized_dtype=torch.float32``: the unrounded rows, bit-equal to ``x.float() * scale`` (TransformerLens's
+    fp32 ``hook_normalized``), through strided leading dims too; a NaN-poisoned fp32 buffer is fully written."""
+    x = _rand(4, 7, 2, 300, dtype=dtype, scale=2.0)[:, :, 1]
+    w = _rand(300, dtype=dtype)
+    out = rms_norm(x, w, return_scale=True, return_normalized=True, normalized_dtype=torch.float32)
+    assert out.normalized.dtype == torch.float32 and out.normalized.shape == x.shape
+    assert not torch.isnan(out.normalized).any()
+    assert torch.equal(out.normalized, x.float() * out.scale)
+    ref = rms_norm_naive(x, w, return_scale=True, return_normalized=True, normalized_dtype=torch.float32)
+    assert ref.normalized.dtype == torch.float32
+    assert _rel(out.normalized, ref.normalized) <= 1e-6
+    assert torch.equal(out.y, rms_norm(x, w))
+    with pytest.raises(TypeError, match="normalized_dtype"):
+        rms_norm(x, w, return_normalized=True, normalized_dtype=torch.int32)
+    xc = x.contiguous().view(-1, 300)
+    y, scale = torch.empty_like(xc), torch.empty(xc.shape[0], 1)
+    normed = torch.full(xc.shape, float("nan"))
+    rn.rms_norm_fwd(xc, w, 1e-6, y, scale, normed, {"BLOCK_M": 4, "num_warps": 2})
+    assert torch.equal(normed, xc.float() * scale)
+
+
 def test_zero_rows_no_launch(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("launched on an empty input")
@@ -320,9 +343,9 @@ def _signature(kernel, dtype="bf16"):
     names = list(inspect.signature(kernel.fn).parameters)
     sig = {}
     for n in names:
-        if n == "SCALE":
+        if n in ("SCALE", "NORMED"):  # NORMED: the fp32 rows of hook_normalized (the wider of its two dtypes)
             sig[n] = "*fp32"
-        elif n in ("X", "R", "W", "W2", "Y", "NORMED", "OUT", "NEXT"):
+        elif n in ("X", "R", "W", "W2", "Y", "OUT", "NEXT"):
             sig[n] = f"*{dtype}"
         elif n in ("n_rows", "n_blocks", "nprog", "D", "N1", "N2"):
             sig[n] = "i32"
@@ -415,6 +438,8 @@ def test_gpu_real_widths_vs_hf(dtype, width, with_scale):
     assert _rel(out.scale, ref.scale) <= 1e-6
     xf = x.double()
     _check(out.normalized, xf * (xf.pow(2).mean(-1, keepdim=True) + 1e-6).pow(-0.5), ref.normalized, dtype=dtype)
+    f32 = rms_norm(x, w, return_scale=True, return_normalized=True, normalized_dtype=torch.float32)
+    assert torch.equal(f32.y, y) and torch.equal(f32.normalized, x.float() * f32.scale)
 
 
 @pytest.mark.cuda

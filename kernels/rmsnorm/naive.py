@@ -29,7 +29,8 @@ class RMSNormOutput(NamedTuple):
 
 
 def rms_norm_naive(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *,
-                   return_scale: bool = False, return_normalized: bool = False):
+                   return_scale: bool = False, return_normalized: bool = False,
+                   normalized_dtype: torch.dtype | None = None):
     """RMSNorm over the last dim of ``x``, exactly as HF ``Gemma4RMSNorm`` computes it.
 
     Args:
@@ -37,7 +38,7 @@ def rms_norm_naive(x: torch.Tensor, weight: torch.Tensor | None = None, eps: flo
         weight: ``[D]`` or None (``with_scale=False``).
         eps: added to the mean square before ``pow(., -0.5)``.
         return_scale: also return the fp32 ``[..., 1]`` per-row scale.
-        return_normalized: also return ``x_f32 * scale`` cast to ``x.dtype``.
+        return_normalized: also return ``x_f32 * scale`` cast to ``normalized_dtype`` (None: x's dtype).
 
     Returns:
         ``y`` alone, or ``RMSNormOutput(y, scale, normalized)`` when an extra is asked for.
@@ -50,7 +51,7 @@ def rms_norm_naive(x: torch.Tensor, weight: torch.Tensor | None = None, eps: flo
     if not (return_scale or return_normalized):
         return y
     return RMSNormOutput(y, scale if return_scale else None,
-                         normed.type_as(x) if return_normalized else None)
+                         normed.to(normalized_dtype or x.dtype) if return_normalized else None)
 
 
 def rms_norm_residual_naive(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,

@@ -383,7 +383,8 @@ def _check_launchable(x: torch.Tensor) -> None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *,
-             return_scale: bool = False, return_normalized: bool = False):
+             return_scale: bool = False, return_normalized: bool = False,
+             normalized_dtype: torch.dtype | None = None):
     """Fused RMSNorm over the last dim, equal to HF ``Gemma4RMSNorm`` (one read of x, one write of y).
 
     Args:
@@ -394,8 +395,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
             (``with_scale=False``: ``v_norm``, the router norm). Applied as ``w.float()`` with no offset.
         eps: added to ``mean(x_f32**2)`` before ``pow(., -0.5)``.
         return_scale: also return ``scale``, fp32 ``[..., 1]``, ``(mean(x**2) + eps) ** -0.5``.
-        return_normalized: also return ``normalized``, ``x_f32 * scale`` cast to ``x.dtype``, same
+        return_normalized: also return ``normalized``, ``x_f32 * scale`` cast to ``normalized_dtype``, same
             shape as x (the rows before the weight).
+        normalized_dtype: dtype of ``normalized``: None (x's dtype) or a float dtype; ``torch.float32`` gives
+            the unrounded rows (TransformerLens's fp32 ``hook_normalized``), bit-equal to ``x.float() * scale``.
 
     Returns:
         ``y`` (same shape and dtype as x, contiguous) when no extra is asked for, else
@@ -414,20 +417,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         raise ValueError("x must have at least one dimension (the normalized last dim)")
     D = x.shape[-1]
     _check_weight("weight", weight, D, x.device)
+    if normalized_dtype is not None and normalized_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"normalized_dtype must be None, float16, bfloat16 or float32, got {normalized_dtype}")
     if torch.is_grad_enabled() and needs_grad(x, weight):
         log_once("grad-rms_norm", "rms_norm: gradients requested; using the autograd-capable naive op")
-        return rms_norm_naive(x, weight, eps, return_scale=return_scale, return_normalized=return_normalized)
+        return rms_norm_naive(x, weight, eps, return_scale=return_scale, return_normalized=return_normalized,
+                              normalized_dtype=normalized_dtype)
     if x.numel() == 0:
-        return rms_norm_naive(x, weight, eps, return_scale=return_scale, return_normalized=return_normalized)
+        return rms_norm_naive(x, weight, eps, return_scale=return_scale, return_normalized=return_normalized,
+                              normalized_dtype=normalized_dtype)
     if D > MAX_WIDTH:
         log_once(f"wide-{D}", "rms_norm: width %d exceeds the single-pass limit %d; using the naive op",
                   D, MAX_WIDTH, level=logging.WARNING)
-        return rms_norm_naive(x, weight, eps, return_scale=return_scale, return_normalized=return_normalized)
+        return rms_norm_naive(x, weight, eps, return_scale=return_scale, return_normalized=return_normalized,
+                              normalized_dtype=normalized_dtype)
     _check_launchable(x)
     n_rows = x.numel() // D
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device) if return_scale else None
-    normalized = torch.empty(x.shape, dtype=x.dtype, device=x.device) if return_normalized else None
+    ndt = x.dtype if normalized_dtype is None else normalized_dtype
+    normalized = torch.empty(x.shape, dtype=ndt, device=x.device) if return_normalized else None
     rms_norm_fwd(x, weight, eps, y, scale, normalized, pick_config(x, D, n_rows))
     if not (return_scale or return_normalized):
         return y
