@@ -348,6 +348,8 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default=None, help="sweep only the cases whose name contains this (e.g. decode); "
                     "with --final, 'decode' runs only the decode rows (attention_decode.json)")
     args = ap.parse_args(argv)
+    if args.final and args.only not in (None, "decode"):
+        ap.error("with --final, --only takes only 'decode'")
     out_dir = Path(os.environ.get("GEMMA4_FAST_RESULTS") or Path(__file__).resolve().parent / "results" / gpu_slug())
     if args.compile_only:
         sweep(True, out_dir)
