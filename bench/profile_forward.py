@@ -1,7 +1,7 @@
 """Profile one model forward on the GPU: where host and device time go, and any host syncs.
 
     python bench/profile_forward.py --preset E2B --seq 1024 [--fast] [--mode hf|bridge|cache_resid|cache_all|decode]
-                                    [--sync-trace] [--cprofile N] [--rows 25]
+                                    [--sync-trace] [--cprofile N] [--rows 25] [--cuda-rows 12]
 
 ``--mode hf`` times ``model(ids, use_cache=False, logits_to_keep=1)``; ``bridge`` the TransformerBridge
 forward (seed, or with ``enable_fast_kernels`` when ``--fast``); ``cache_resid`` the bridge's ``run_with_cache``
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--sync-trace", action="store_true")
     ap.add_argument("--cprofile", type=int, default=0)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--cuda-rows", type=int, default=12)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="LOG %(name)s: %(message)s")
     import gemma4_fast
@@ -151,7 +152,7 @@ def main() -> None:
                   f"{', '.join(f'{t:.1f}' for t in each)}), "
                   f"{gpu_ms:.2f} ms GPU (profiled call), host syncs {syncs}")
             print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
-            print(ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+            print(ka.table(sort_by="self_cuda_time_total", row_limit=args.cuda_rows, max_name_column_width=60))
             if args.sync_trace:
                 sites = _sync_sites(call)
                 print(f"-- sync sites ({sum(sites.values())} syncs):")
