@@ -1,11 +1,11 @@
 """Profile one model forward on the GPU: where host and device time go, and any host syncs.
 
-    python bench/profile_forward.py --preset E2B --seq 1024 [--fast] [--mode hf|bridge|cache_resid|cache_all|decode]
+    python bench/profile_forward.py --preset E2B --seq 1024 [--fast [--graphs]] [--mode hf|bridge|cache_resid|cache_all|decode]
                                     [--sync-trace] [--cprofile N] [--rows 25] [--cuda-rows 12]
 
 ``--mode hf`` times ``model(ids, use_cache=False, logits_to_keep=1)``; ``bridge`` the TransformerBridge
 forward (seed, or with ``enable_fast_kernels`` when ``--fast``); ``cache_resid`` the bridge's ``run_with_cache``
-of every ``hook_resid_post``; ``cache_all`` its ``run_with_cache`` of every hook; ``decode`` one greedy decode
+of every ``hook_resid_post``; ``cache_all`` its ``run_with_cache`` of every hook (``--graphs``: prefill graphs on, forwards only); ``decode`` one greedy decode
 step with a dynamic cache after a prompt of ``--seq``
 tokens. Prints the wall time per call, the GPU time of one call
 (profiler), the number of device-to-host syncs, the top ops by self CPU and self CUDA time; ``--sync-trace``
@@ -98,6 +98,8 @@ def _bridge(args, model, tok):
         bridge = TransformerBridge.boot_transformers(f"google/gemma-4-{args.preset}", hf_model=model, tokenizer=tok)
         if args.fast:
             gemma4_fast.enable_fast_kernels(bridge, True)
+            if args.graphs:
+                gemma4_fast.enable_prefill_graphs(bridge)
         _BRIDGE["b"] = bridge
     return _BRIDGE["b"]
 
@@ -110,6 +112,7 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--mode", choices=("hf", "bridge", "cache_resid", "cache_all", "decode"), default="hf")
+    ap.add_argument("--graphs", action="store_true")
     ap.add_argument("--sync-trace", action="store_true")
     ap.add_argument("--cprofile", type=int, default=0)
     ap.add_argument("--rows", type=int, default=25)
@@ -126,6 +129,8 @@ def main() -> None:
     tok = offline_tokenizer() if on_bridge else None
     if args.fast and not on_bridge:
         print(gemma4_fast.patch_model(model, backend="triton").counts())
+        if args.graphs and args.mode == "hf":
+            gemma4_fast.enable_prefill_graphs(model)
     for s in args.seq:
         call = _build_call(args, model, tok, s)
         with torch.no_grad():

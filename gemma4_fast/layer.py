@@ -12,6 +12,11 @@ The fused path runs only when it cannot be told apart from HF's: every norm it f
 (``gemma4_fast.norm``) with a weight, no active seam (``hook_scale`` / ``hook_normalized``) and no PyTorch hook, and
 there are no global module hooks. Otherwise (a hook on a norm, TransformerBridge's wrappers around the submodules)
 the call runs HF's forward unchanged. The MoE block (26B-A4B) keeps HF's code between its norms.
+
+Two more passes go: the closing ``hidden *= layer_scalar`` is applied by the last residual kernel (the rounded sum
+times the scalar, rounded again: HF's two roundings), and on the Triton backends the per-layer-input gate
+``act_fn(gate) * per_layer_input`` (E2B / E4B) runs on the fused tanh-GELU op of the MLP (one rounding instead of
+two; ``"torch"`` keeps HF's expression bit for bit).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from torch import nn
 
 from . import ops
 from .hooks import get_hook, global_module_hooks
+from .mlp import gelu_tanh_unsupported
 from .norm import FastRMSNormMixin
 
 
@@ -41,10 +47,29 @@ class FastDecoderLayerMixin:
             names.append("post_per_layer_input_norm")
         return not global_module_hooks() and all(_plain_norm(self._modules.get(n)) for n in names)
 
-    def _residual(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor, nxt: Any = None):
+    def _residual(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor, nxt: Any = None,
+                  out_scale: torch.Tensor | None = None):
         return ops.rms_norm_residual(x, residual, norm.weight, norm.eps,
                                      next_weight=None if nxt is None else nxt.weight,
-                                     next_eps=None if nxt is None else nxt.eps, backend=self._g4f_backend)
+                                     next_eps=None if nxt is None else nxt.eps, out_scale=out_scale,
+                                     backend=self._g4f_backend)
+
+    def _layer_scalar(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The ``layer_scalar`` buffer when the last residual kernel can apply it (one element on ``like``'s
+        device), else None (the layer multiplies afterwards, as HF does)."""
+        s = getattr(self, "layer_scalar", None)
+        if isinstance(s, torch.Tensor) and s.numel() == 1 and s.device == like.device and s.is_floating_point():
+            return s
+        return None
+
+    def _per_layer_gate(self, hidden_states: torch.Tensor, per_layer_input: torch.Tensor) -> torch.Tensor:
+        """HF's ``act_fn(per_layer_input_gate(h)) * per_layer_input``, the product on the fused tanh-GELU op
+        when the backend and ``act_fn`` allow it (one pass instead of two; see ``gemma4_fast.mlp``)."""
+        gate = self.per_layer_input_gate(hidden_states)
+        if (self._g4f_backend == "torch" or gelu_tanh_unsupported(self.act_fn) is not None
+                or gate.shape != per_layer_input.shape):
+            return self.act_fn(gate) * per_layer_input
+        return ops.gelu_mul(gate, per_layer_input, backend=self._g4f_backend)
 
     def forward(self, hidden_states: torch.Tensor, per_layer_input: torch.Tensor | None = None,
                 shared_kv_states: Any = None, position_embeddings: Any = None,
@@ -71,11 +96,15 @@ class FastDecoderLayerMixin:
             residual, hidden_states = self._residual(self.post_attention_layernorm, hidden_states, residual,
                                                      self.pre_feedforward_layernorm)
             hidden_states = self.mlp(hidden_states)
-        hidden_states = self._residual(self.post_feedforward_layernorm, hidden_states, residual)
-        if self.hidden_size_per_layer_input:
+        scalar = self._layer_scalar(hidden_states)
+        ple = bool(self.hidden_size_per_layer_input)
+        hidden_states = self._residual(self.post_feedforward_layernorm, hidden_states, residual,
+                                       out_scale=None if ple else scalar)
+        if ple:
             residual = hidden_states
-            hidden_states = self.act_fn(self.per_layer_input_gate(hidden_states)) * per_layer_input
+            hidden_states = self._per_layer_gate(hidden_states, per_layer_input)
             hidden_states = self._residual(self.post_per_layer_input_norm, self.per_layer_projection(hidden_states),
-                                           residual)
-        hidden_states *= self.layer_scalar
+                                           residual, out_scale=scalar)
+        if scalar is None:
+            hidden_states *= self.layer_scalar
         return hidden_states

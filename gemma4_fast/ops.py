@@ -147,12 +147,13 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, bac
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *,
                       next_weight: Optional[torch.Tensor] = None, next_eps: Optional[float] = None,
-                      backend: str = "auto"):
+                      out_scale: Optional[torch.Tensor] = None, backend: str = "auto"):
     """``gemma4_fast.kernels.rmsnorm.rms_norm_residual`` or its naive twin: ``residual + rms_norm(x, weight)``
-    (HF order), and ``rms_norm(out, next_weight)`` when given. Under autograd the naive twin runs."""
+    (HF order), times the one-element ``out_scale`` when given (HF's ``*= layer_scalar``), and
+    ``rms_norm(out, next_weight)`` when given. Under autograd the naive twin runs."""
     b = resolve(backend, "rms_norm_residual", x, residual, weight, next_weight)
     return _run("rmsnorm", "rms_norm_residual", b, (x, residual, weight),
-                dict(eps=eps, next_weight=next_weight, next_eps=next_eps))
+                dict(eps=eps, next_weight=next_weight, next_eps=next_eps, out_scale=out_scale))
 
 
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gemma4_fast import ops, unpatch_model
+from gemma4_fast.kernels._common import interpret_mode
 from gemma4_fast.models import unified_available
 from gemma4_fast.presets import PRESETS, TINY_PRESETS
 from _inputs import patched_copy
@@ -54,6 +55,33 @@ def test_fused_layers_match_hf(name, fused_calls):
         assert sum(fused_calls) == (0 if fast.config.enable_moe_block else n)
     unpatch_model(fast)
     assert type(fast.model.layers[0]) is type(ref.model.layers[0])
+
+
+@pytest.mark.parametrize("name", ["tiny-ple-kv-shared", "tiny-moe"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_scalar_and_ple_gate_fused(name, backend, monkeypatch):
+    """Non-trivial ``layer_scalar`` buffers (random init leaves them at 1): the last residual kernel applies them
+    (no separate multiply), and on the Triton backend the PLE gate runs on the fused tanh-GELU op; logits match HF."""
+    if backend == "triton" and not interpret_mode():
+        pytest.skip("the triton backend on CPU needs TRITON_INTERPRET=1")
+    ref, fast, _ = patched_copy(name, backend=backend)
+    for i, (a, b) in enumerate(zip(ref.model.layers, fast.model.layers)):
+        a.layer_scalar.fill_(0.5 + 0.07 * i)
+        b.layer_scalar.fill_(0.5 + 0.07 * i)
+    scaled, gates = [], []
+    original, gm = ops.rms_norm_residual, ops.gelu_mul
+    monkeypatch.setattr(ops, "rms_norm_residual",
+                        lambda *a, **k: scaled.append(k.get("out_scale") is not None) or original(*a, **k))
+    monkeypatch.setattr(ops, "gelu_mul", lambda *a, **k: gates.append(a[0].shape[-1]) or gm(*a, **k))
+    ids = _ids(n=11)
+    with torch.no_grad():
+        got = fast(ids, use_cache=False).logits
+        want = ref(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    n = fast.config.num_hidden_layers
+    assert sum(scaled) == n
+    ple = fast.config.hidden_size_per_layer_input
+    assert gates.count(ple) == (n if ple and backend == "triton" else 0)
 
 
 def test_a_hook_on_a_norm_runs_hf_forward(fused_calls):

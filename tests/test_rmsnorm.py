@@ -276,6 +276,38 @@ def test_residual(dtype, rdtype, with_next, with_scale):
         assert _rel(g, n) <= (1e-5 if out_dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("sdtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("with_next", [False, True])
+def test_residual_out_scale(dtype, sdtype, with_next):
+    """``out_scale`` (HF's closing ``hidden *= layer_scalar``): the rounded sum times the scalar, rounded again,
+    bit-equal to the unscaled kernel output multiplied in place as HF does; the next norm sees the scaled rows."""
+    rows, width = 37, 211
+    x = _rand(rows, width, dtype=dtype, scale=4.0)
+    r = _rand(rows, width, dtype=dtype, scale=2.0)
+    w = _rand(width, dtype=dtype)
+    w2 = _rand(width, dtype=dtype) if with_next else None
+    s = torch.tensor([0.37], dtype=sdtype)
+    got = rms_norm_residual(x, r, w, 1e-6, next_weight=w2, out_scale=s)
+    want = rms_norm_residual_naive(x, r, w, 1e-6, next_weight=w2, out_scale=s)
+    plain = rms_norm_residual(x, r, w, 1e-6)
+    plain *= s
+    if with_next:
+        got, nxt = got
+        want, want_next = want
+        assert _rel(nxt, want_next) <= (1e-5 if dtype == torch.float32 else 2e-3)
+        assert _rel(nxt, rms_norm_naive(got, w2, 1e-6)) <= (1e-5 if dtype == torch.float32 else 2e-3)
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    assert torch.equal(got, plain)
+    assert _rel(got, want) <= (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_residual_out_scale_rejects_vectors():
+    x = _rand(3, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="out_scale"):
+        rms_norm_residual(x, x, None, out_scale=torch.ones(2))
+
+
 def test_autograd_routes_to_naive(caplog):
     x = _rand(7, 97, dtype=torch.float32).requires_grad_()
     w = _rand(97, dtype=torch.float32).requires_grad_()
@@ -345,7 +377,7 @@ def _signature(kernel, dtype="bf16"):
     for n in names:
         if n in ("SCALE", "NORMED"):  # NORMED: the fp32 rows of hook_normalized (the wider of its two dtypes)
             sig[n] = "*fp32"
-        elif n in ("X", "R", "W", "W2", "Y", "OUT", "NEXT"):
+        elif n in ("X", "R", "W", "W2", "Y", "OUT", "NEXT", "S_OUT"):
             sig[n] = f"*{dtype}"
         elif n in ("n_rows", "n_blocks", "nprog", "D", "N1", "N2"):
             sig[n] = "i32"
@@ -391,7 +423,7 @@ def _constexprs(bn, cfg, residual):
     base = dict(LEAD=3, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, PERSISTENT=persistent,
                 NUM_STAGES=cfg.get("NUM_STAGES", 1))
     if residual:
-        return dict(HAS_W=True, HAS_NEXT=True, **base)
+        return dict(HAS_W=True, HAS_NEXT=True, HAS_OUT_SCALE=True, **base)
     return dict(HAS_W=True, WRITE_SCALE=True, WRITE_NORMED=True, **base)
 
 

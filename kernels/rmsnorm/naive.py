@@ -56,7 +56,7 @@ def rms_norm_naive(x: torch.Tensor, weight: torch.Tensor | None = None, eps: flo
 
 def rms_norm_residual_naive(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                             eps: float = 1e-6, *, next_weight: torch.Tensor | None = None,
-                            next_eps: float | None = None):
+                            next_eps: float | None = None, out_scale: torch.Tensor | None = None):
     """``out = residual + rms_norm(x, weight)`` (HF order), optionally with the next pre-norm of ``out``.
 
     Args:
@@ -67,11 +67,15 @@ def rms_norm_residual_naive(x: torch.Tensor, residual: torch.Tensor, weight: tor
         eps: the post-norm epsilon.
         next_weight: ``[D]`` or None; when given also return ``rms_norm(out, next_weight, next_eps)``.
         next_eps: epsilon of the next norm (defaults to ``eps``).
+        out_scale: None or a one-element tensor: ``out`` is then multiplied by it in place (HF's
+            ``hidden_states *= self.layer_scalar`` at the end of the decoder layer), before the next norm.
 
     Returns:
         ``out``, or ``(out, next_normed)`` when ``next_weight`` is given.
     """
     out = residual + rms_norm_naive(x, weight, eps)
+    if out_scale is not None:
+        out = out.mul_(out_scale)
     if next_weight is None:
         return out
     return out, rms_norm_naive(out, next_weight, eps if next_eps is None else next_eps)
