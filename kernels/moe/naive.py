@@ -73,6 +73,24 @@ def moe_experts_naive(
     return y
 
 
+def router_norm_naive(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The router's input rows, HF ``Gemma4TextRouter.forward`` up to ``self.proj``: ``self.norm(x)`` (RMSNorm
+    without a learned weight, fp32 math, cast back to x's dtype), ``* self.scale``, ``* hidden_size ** -0.5``,
+    each product rounded to x's dtype as HF's three ops do.
+
+    Args:
+        x: ``[T, H]`` hidden states.
+        scale: ``[H]`` (``router.scale``).
+        eps: the norm's epsilon.
+
+    Returns:
+        ``[T, H]`` in the promoted dtype of x and scale (x's dtype for a model in one dtype).
+    """
+    xf = x.float()
+    normed = (xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
+    return normed * scale * (x.shape[-1] ** -0.5)
+
+
 def moe_router_naive(
     x: torch.Tensor,
     proj_weight: torch.Tensor,
@@ -96,10 +114,7 @@ def moe_router_naive(
         ``(probs [T, E] fp32, top_k_weights [T, k], top_k_index [T, k] int64)``; ``top_k_weights`` has the
         promoted dtype of fp32 and ``per_expert_scale`` (fp32 for bf16/fp16/fp32 parameters), as in HF.
     """
-    xf = x.float()
-    normed = (xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
-    h = normed * scale * (x.shape[-1] ** -0.5)
-    logits = F.linear(h, proj_weight)
+    logits = F.linear(router_norm_naive(x, scale, eps), proj_weight)
     probs = F.softmax(logits, dim=-1, dtype=torch.float32)
     top_k_weights, top_k_index = torch.topk(probs, k=top_k, dim=-1)
     top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
