@@ -20,7 +20,8 @@ out-of-place softcap runs, so ``unembed.hook_out`` always carries the raw pre-so
 
 Blocks with no active hook inside skip the bridge's per-submodule wrappers (``quiet.py``): residual hooks
 still fire, and any inner hook puts the block back on the wrapped path for that call. The bridge's ``forward``,
-``run_with_cache`` and ``run_with_hooks`` run with Python's cyclic garbage collector paused (``_gc_paused``).
+``run_with_cache`` and ``run_with_hooks`` run with Python's cyclic garbage collector paused (``_gc_paused``), and a
+forward that asks for no KV cache runs the HF model with ``use_cache=False`` (``_forward``).
 
 Every hook of the seed bridge keeps its name and shape. ``disable_fast_kernels`` undoes all of it.
 """
@@ -307,10 +308,29 @@ def _gc_paused(bridge: Any, original: Callable[..., Any], *args: Any, **kwargs: 
         gc.enable()
 
 
+_CACHE_KWARGS = ("use_cache", "past_key_values", "use_past_kv_cache")
+
+
+def _forward(bridge: Any, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The bridge's ``forward`` with the GC paused, and without the HF cache nobody asked for.
+
+    TransformerBridge calls the HF model with the config's ``use_cache`` (True for Gemma 4), so a plain forward,
+    ``run_with_cache`` or ``run_with_hooks`` builds a ``DynamicCache`` and copies every layer's keys and values into
+    it (``torch.cat`` onto an empty tensor: 3 ms of a 26B-A4B 4k forward), then drops it. When the call asks for no
+    cache (no ``use_cache`` / ``past_key_values`` / ``use_past_kv_cache``, a return type other than
+    ``"logits_and_cache"``, no TransformerLens generate loop capturing the cache) it passes ``use_cache=False``: the
+    same keys, values and outputs, no copies (KV-shared layers read the ``shared_kv_states`` HF passes either way).
+    """
+    if (len(args) <= 1 and kwargs.get("return_type") != "logits_and_cache"
+            and not any(k in kwargs for k in _CACHE_KWARGS) and not getattr(bridge, "_capture_hf_cache", False)):
+        kwargs["use_cache"] = False
+    return _gc_paused(bridge, original, *args, **kwargs)
+
+
 def _pause_gc(bridge: Any, undo: list[Callable[[], None]]) -> None:
     for name in ("forward", "run_with_cache", "run_with_hooks"):
         if callable(getattr(type(bridge), name, None)) and name not in bridge.__dict__:
-            undo.append(install_method(bridge, name, _gc_paused))
+            undo.append(install_method(bridge, name, _forward if name == "forward" else _gc_paused))
 
 
 def _rescan_hooks(bridge: Any) -> None:

@@ -197,6 +197,31 @@ def test_gc_paused_during_bridge_calls_and_restored(tok):
     assert not any(n in fast.__dict__ for n in ("forward", "run_with_cache", "run_with_hooks"))
 
 
+@pytest.mark.parametrize("name", ["tiny-ple-kv-shared", "tiny-moe"])
+def test_forward_without_a_requested_cache_builds_none(name, tok):
+    """A plain forward / run_with_cache runs the HF model with use_cache=False (no DynamicCache, same logits); a call
+    that asks for the cache keeps it."""
+    fast, seed = _fast(name, tok), _seed(name, tok)
+    seen = []
+    fast.original_model.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("use_cache")), with_kwargs=True)
+    ids = _ids()
+    with torch.no_grad():
+        got = fast(ids)
+        want = seed(ids)
+        _, cache = fast.run_with_cache(ids, names_filter=lambda n: n == "blocks.1.hook_resid_post")
+        logits, kv = fast(ids, return_type="logits_and_cache")
+        fast(ids, use_cache=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    torch.testing.assert_close(logits, got, rtol=0, atol=0)
+    assert seen[:2] == [False, False] and seen[2] is not False and seen[3] is True
+    assert kv is not None and kv.get_seq_length() == ids.shape[1]
+    disable_fast_kernels(fast)
+    seen.clear()
+    with torch.no_grad():
+        fast(ids)
+    assert seen == [None]
+
+
 def test_norm_hook_edits_flow_and_observation_changes_nothing(tok):
     fast = _fast("tiny-dense-k-eq-v", tok)
     ids = _ids()
