@@ -11,7 +11,9 @@ so weights, ``state_dict`` keys and hook paths are unchanged.
 The fused path runs only when it cannot be told apart from HF's: every norm it fuses is a fast RMSNorm
 (``gemma4_fast.norm``) with a weight, no active seam (``hook_scale`` / ``hook_normalized``) and no PyTorch hook, and
 there are no global module hooks. Otherwise (a hook on a norm, TransformerBridge's wrappers around the submodules)
-the call runs HF's forward unchanged. The MoE block (26B-A4B) keeps HF's code between its norms.
+the call runs HF's forward unchanged. In the MoE block (26B-A4B) the dense MLP, router and experts run as HF's
+submodules; its tail (``post_feedforward_layernorm_1(mlp) + post_feedforward_layernorm_2(experts)``, the
+post-feedforward norm and the residual add) is one ``ops.rms_norm_pair_residual`` pass.
 
 Two more passes go: the closing ``hidden *= layer_scalar`` is applied by the last residual kernel (the rounded sum
 times the scalar, rounded again: HF's two roundings), and on the Triton backends the per-layer-input gate
@@ -45,6 +47,8 @@ class FastDecoderLayerMixin:
         names = ["post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
         if self.hidden_size_per_layer_input:
             names.append("post_per_layer_input_norm")
+        if self.enable_moe_block:
+            names += ["post_feedforward_layernorm_1", "post_feedforward_layernorm_2"]
         return not global_module_hooks() and all(_plain_norm(self._modules.get(n)) for n in names)
 
     def _residual(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor, nxt: Any = None,
@@ -83,20 +87,25 @@ class FastDecoderLayerMixin:
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings,
                                           attention_mask=attention_mask, shared_kv_states=shared_kv_states,
                                           position_ids=position_ids, past_key_values=past_key_values, **kwargs)
+        scalar = self._layer_scalar(hidden_states)
         if self.enable_moe_block:
-            residual = self._residual(self.post_attention_layernorm, hidden_states, residual)
-            hidden_states = self.mlp(self.pre_feedforward_layernorm(residual))
-            hidden_states_1 = self.post_feedforward_layernorm_1(hidden_states)
+            residual, hidden_states = self._residual(self.post_attention_layernorm, hidden_states, residual,
+                                                     self.pre_feedforward_layernorm)
+            hidden_states_1 = self.mlp(hidden_states)
             flat = residual.reshape(-1, residual.shape[-1])
             _, top_k_weights, top_k_index = self.router(flat)
             hidden_states_2 = self.experts(self.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
-            hidden_states_2 = self.post_feedforward_layernorm_2(hidden_states_2.reshape(residual.shape))
-            hidden_states = hidden_states_1 + hidden_states_2
-        else:
-            residual, hidden_states = self._residual(self.post_attention_layernorm, hidden_states, residual,
-                                                     self.pre_feedforward_layernorm)
-            hidden_states = self.mlp(hidden_states)
-        scalar = self._layer_scalar(hidden_states)
+            n1, n2, n = self.post_feedforward_layernorm_1, self.post_feedforward_layernorm_2, \
+                self.post_feedforward_layernorm
+            hidden_states = ops.rms_norm_pair_residual(
+                hidden_states_1, hidden_states_2.reshape(residual.shape), residual, n1.weight, n2.weight, n.weight,
+                n1.eps, n2.eps, n.eps, out_scale=scalar, backend=self._g4f_backend)
+            if scalar is None:
+                hidden_states *= self.layer_scalar
+            return hidden_states
+        residual, hidden_states = self._residual(self.post_attention_layernorm, hidden_states, residual,
+                                                 self.pre_feedforward_layernorm)
+        hidden_states = self.mlp(hidden_states)
         ple = bool(self.hidden_size_per_layer_input)
         hidden_states = self._residual(self.post_feedforward_layernorm, hidden_states, residual,
                                        out_scale=None if ple else scalar)

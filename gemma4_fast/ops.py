@@ -156,6 +156,17 @@ def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: Optional[
                 dict(eps=eps, next_weight=next_weight, next_eps=next_eps, out_scale=out_scale))
 
 
+def rms_norm_pair_residual(x1: torch.Tensor, x2: torch.Tensor, residual: torch.Tensor, w1: torch.Tensor,
+                           w2: torch.Tensor, weight: torch.Tensor, eps1: float, eps2: float, eps: float, *,
+                           out_scale: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """``gemma4_fast.kernels.rmsnorm.rms_norm_pair_residual`` or its naive twin: the MoE layer's tail
+    ``residual + norm(norm(x1) * w1 + norm(x2) * w2) * weight`` (times ``out_scale``). Under autograd the naive twin
+    runs."""
+    b = resolve(backend, "rms_norm_pair_residual", x1, x2, residual, w1, w2, weight)
+    return _run("rmsnorm", "rms_norm_pair_residual", b, (x1, x2, residual, w1, w2, weight),
+                dict(eps1=eps1, eps2=eps2, eps=eps, out_scale=out_scale))
+
+
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``gemma4_fast.kernels.activation.gelu_mul`` or ``gelu_mul_naive``: ``gelu_tanh(gate) * up``, both
     ``[..., N]``. Under autograd the Triton forward is kept and the backward recomputes the naive op."""

@@ -16,8 +16,8 @@ import torch
 from gemma4_fast.kernels import _common
 
 from gemma4_fast.kernels._compile_check import compile_for_target
-from gemma4_fast.kernels.rmsnorm import (RMSNormOutput, rms_norm, rms_norm_naive, rms_norm_residual,
-                                         rms_norm_residual_naive)
+from gemma4_fast.kernels.rmsnorm import (RMSNormOutput, rms_norm, rms_norm_naive, rms_norm_pair_residual,
+                                         rms_norm_pair_residual_naive, rms_norm_residual, rms_norm_residual_naive)
 from gemma4_fast.kernels.rmsnorm import rmsnorm as rn
 from gemma4_fast.kernels._common import next_power_of_2
 from _compile_tests import compile_fit_tests
@@ -302,6 +302,63 @@ def test_residual_out_scale(dtype, sdtype, with_next):
     assert _rel(got, want) <= (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+def _pair_inputs(rows, width, dtype, rdtype=None, device="cpu"):
+    x1 = _rand(rows, width, dtype=dtype, scale=3.0, device=device)
+    x2 = _rand(rows, width, dtype=dtype, scale=5.0, device=device)
+    r = _rand(rows, width, dtype=rdtype or dtype, scale=2.0, device=device)
+    ws = [_rand(width, dtype=dtype, device=device) for _ in range(3)]
+    return x1, x2, r, ws
+
+
+@pytest.mark.parametrize("dtype,rdtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                          (torch.float16, torch.float32)])
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("width", [37, 300])
+def test_pair_residual(dtype, rdtype, with_scale, width):
+    """The MoE tail vs its naive twin (HF's five ops) and vs HF's modules; output NaN-filled before the launch."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+    rows = 29
+    x1, x2, r, (w1, w2, w) = _pair_inputs(rows, width, dtype, rdtype)
+    s = torch.tensor([0.61]) if with_scale else None
+    out = torch.full((rows, width), float("nan"), dtype=torch.promote_types(rdtype, dtype))
+    rn.rms_norm_pair_residual_fwd(x1, x2, r, w1, w2, w, 1e-6, 1e-5, 1e-6, out, s, rn.pair_config(width))
+    want = rms_norm_pair_residual_naive(x1, x2, r, w1, w2, w, 1e-6, 1e-5, 1e-6, out_scale=s)
+    got = rms_norm_pair_residual(x1, x2, r, w1, w2, w, 1e-6, 1e-5, 1e-6, out_scale=s)
+    norms = []
+    for weight, eps in ((w1, 1e-6), (w2, 1e-5), (w, 1e-6)):
+        m = Gemma4RMSNorm(width, eps=eps).to(dtype)
+        m.weight.data.copy_(weight)
+        norms.append(m)
+    with torch.no_grad():
+        hf = r + norms[2](norms[0](x1) + norms[1](x2))
+        if s is not None:
+            hf *= s
+    assert got.dtype == out.dtype == want.dtype == hf.dtype and not torch.isnan(out).any()
+    assert torch.equal(got, out)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    assert _rel(got, want) <= tol and _rel(got, hf) <= tol
+
+
+def test_pair_residual_errors_and_fallbacks():
+    x1, x2, r, (w1, w2, w) = _pair_inputs(5, 24, torch.float32)
+    with pytest.raises(ValueError, match="x2"):
+        rms_norm_pair_residual(x1, x2[:4], r, w1, w2, w)
+    with pytest.raises(TypeError, match="x2"):
+        rms_norm_pair_residual(x1, x2.half(), r, w1, w2, w)
+    with pytest.raises(ValueError, match="w2"):
+        rms_norm_pair_residual(x1, x2, r, w1, None, w)
+    with pytest.raises(ValueError, match="out_scale"):
+        rms_norm_pair_residual(x1, x2, r, w1, w2, w, out_scale=torch.ones(3))
+    xg = x1.clone().requires_grad_()
+    got = rms_norm_pair_residual(xg, x2, r, w1, w2, w)
+    assert got.requires_grad
+    torch.testing.assert_close(got, rms_norm_pair_residual(x1, x2, r, w1, w2, w), rtol=1e-5, atol=1e-5)
+    strided = torch.cat([x1, x1], dim=1)[:, :24]
+    torch.testing.assert_close(rms_norm_pair_residual(strided, x2, r, w1, w2, w),
+                               rms_norm_pair_residual_naive(x1, x2, r, w1, w2, w), rtol=1e-5, atol=1e-5)
+
+
 def test_residual_out_scale_rejects_vectors():
     x = _rand(3, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="out_scale"):
@@ -377,13 +434,13 @@ def _signature(kernel, dtype="bf16"):
     for n in names:
         if n in ("SCALE", "NORMED"):  # NORMED: the fp32 rows of hook_normalized (the wider of its two dtypes)
             sig[n] = "*fp32"
-        elif n in ("X", "R", "W", "W2", "Y", "OUT", "NEXT", "S_OUT"):
+        elif n in ("X", "R", "W", "W2", "Y", "OUT", "NEXT", "S_OUT", "X1", "X2", "W1"):
             sig[n] = f"*{dtype}"
         elif n in ("n_rows", "n_blocks", "nprog", "D", "N1", "N2"):
             sig[n] = "i32"
         elif n in ("sx0", "sx1", "sx2", "sr0", "sr1", "sr2"):
             sig[n] = "i64"
-        elif n in ("eps", "eps2"):
+        elif n in ("eps", "eps2", "eps1"):
             sig[n] = "fp32"
     return names, sig
 
@@ -439,7 +496,11 @@ def _compile_report(capability, candidates):
         bad += _compile_all(rn.rms_norm_fwd_kernel, [(_constexprs(bn, cfg, False), cfg["num_warps"])], capability)
         bad += _compile_all(rn.rms_norm_residual_fwd_kernel, [(_constexprs(bn, cfg, True), cfg["num_warps"])],
                             capability)
-    return {"checked": len(pairs), "bad": bad}
+    for width in GEMMA4_WIDTHS:
+        cfg = rn.pair_config(width)
+        cx = dict(HAS_OUT_SCALE=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=next_power_of_2(width))
+        bad += _compile_all(rn.rms_norm_pair_residual_fwd_kernel, [(cx, cfg["num_warps"])], capability)
+    return {"checked": len(pairs) + len(GEMMA4_WIDTHS), "bad": bad}
 
 
 test_default_configs_compile_and_fit, test_candidate_configs_compile_and_fit = compile_fit_tests(__file__)
@@ -498,6 +559,27 @@ def test_gpu_residual(dtype, width, with_next):
     else:
         mismatch = (got[0] != hf_out).float().mean().item()
         assert mismatch <= 1e-3, mismatch
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("width", [2816, 1536])
+def test_gpu_pair_residual(dtype, width):
+    rows = 4097
+    x1, x2, r, (w1, w2, w) = _pair_inputs(rows, width, dtype, device="cuda")
+    s = torch.tensor([0.61], device="cuda", dtype=dtype)
+    out = torch.full((rows, width), float("nan"), dtype=dtype, device="cuda")
+    rn.rms_norm_pair_residual_fwd(x1, x2, r, w1, w2, w, 1e-6, 1e-6, 1e-6, out, s, rn.pair_config(width))
+    want = rms_norm_pair_residual_naive(x1, x2, r, w1, w2, w, out_scale=s)
+    ref64 = rms_norm_pair_residual_naive(x1.double(), x2.double(), r.double(), w1.double(), w2.double(), w.double(),
+                                         out_scale=s.double())
+    assert not torch.isnan(out).any()
+    if dtype == torch.float32:
+        assert _rel(out, ref64) <= 1e-5
+    else:
+        bad, err, _ = three_way_excess(out, ref64, want, 2e-3)
+        assert not bad.any(), err.max().item()
+        assert (out != want).float().mean().item() <= 0.02
 
 
 @pytest.mark.cuda

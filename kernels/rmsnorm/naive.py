@@ -79,3 +79,22 @@ def rms_norm_residual_naive(x: torch.Tensor, residual: torch.Tensor, weight: tor
     if next_weight is None:
         return out
     return out, rms_norm_naive(out, next_weight, eps if next_eps is None else next_eps)
+
+
+def rms_norm_pair_residual_naive(x1: torch.Tensor, x2: torch.Tensor, residual: torch.Tensor, w1: torch.Tensor,
+                                 w2: torch.Tensor, weight: torch.Tensor, eps1: float = 1e-6, eps2: float = 1e-6,
+                                 eps: float = 1e-6, *, out_scale: torch.Tensor | None = None):
+    """The MoE decoder layer's tail as HF runs it (``Gemma4TextDecoderLayer.forward`` with ``enable_moe_block``):
+    ``residual + rms_norm(rms_norm(x1, w1) + rms_norm(x2, w2), weight)``, then ``*= out_scale`` when given.
+
+    Args:
+        x1, x2: ``[..., D]`` the dense MLP and the experts' outputs; residual: ``[..., D]``.
+        w1, w2, weight: ``[D]`` ``post_feedforward_layernorm_1`` / ``_2`` / ``post_feedforward_layernorm`` weights.
+        eps1, eps2, eps: their epsilons. out_scale: None or a one-element tensor (``layer_scalar``).
+
+    Returns:
+        ``out`` in torch's promoted dtype of residual and the norms' output.
+    """
+    h = rms_norm_naive(x1, w1, eps1) + rms_norm_naive(x2, w2, eps2)
+    out = residual + rms_norm_naive(h, weight, eps)
+    return out.mul_(out_scale) if out_scale is not None else out

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .._common import can_launch, device_of, interpret_mode, log_once, needs_grad, next_power_of_2, pinned_config
-from .naive import RMSNormOutput, rms_norm_naive, rms_norm_residual_naive
+from .naive import RMSNormOutput, rms_norm_naive, rms_norm_pair_residual_naive, rms_norm_residual_naive
 
 
 CONFIG_ENV = "GEMMA4_FAST_RMSNORM_CONFIG"
@@ -175,6 +175,37 @@ def rms_norm_residual_fwd_kernel(
                         sx0, sx1, sx2, sr0, sr1, sr2, eps, eps2, HAS_W, HAS_NEXT, HAS_OUT_SCALE, LEAD, BLOCK_M)
 
 
+@triton.jit
+def rms_norm_pair_residual_fwd_kernel(
+    X1, X2, R, W1, W2, W, S_OUT, OUT, n_rows, D, eps1, eps2, eps,
+    HAS_OUT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The MoE decoder layer's tail: ``h = norm(X1) * W1 + norm(X2) * W2`` (each rounded to X1's dtype, the sum
+    rounded again), ``OUT = R + norm(h) * W`` (the norm rounded to X1's dtype, the sum to OUT's), optionally times
+    ``S_OUT`` (rounded again). All of X1, X2, R, OUT contiguous ``[n_rows, D]``. Grid ``(cdiv(n_rows, BLOCK_M),)``."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < D
+    mask = (rows < n_rows)[:, None] & cmask[None, :]
+    off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    ty = X1.dtype.element_ty
+    w1 = tl.load(W1 + cols, mask=cmask, other=0.0).to(tl.float32)
+    w2 = tl.load(W2 + cols, mask=cmask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    x1 = tl.load(X1 + off, mask=mask, other=0.0).to(tl.float32)
+    a = (x1 * _inv_rms(x1, D, eps1)[:, None] * w1[None, :]).to(ty).to(tl.float32)
+    x2 = tl.load(X2 + off, mask=mask, other=0.0).to(tl.float32)
+    b = (x2 * _inv_rms(x2, D, eps2)[:, None] * w2[None, :]).to(ty).to(tl.float32)
+    h = (a + b).to(ty).to(tl.float32)
+    n = (h * _inv_rms(h, D, eps)[:, None] * w[None, :]).to(ty).to(tl.float32)
+    r = tl.load(R + off, mask=mask, other=0.0).to(tl.float32)
+    out = (r + n).to(OUT.dtype.element_ty)
+    if HAS_OUT_SCALE:
+        out = (out.to(tl.float32) * tl.load(S_OUT).to(tl.float32)).to(OUT.dtype.element_ty)
+    tl.store(OUT + off, out, mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------
@@ -214,6 +245,16 @@ def default_config(width: int, n_rows: int) -> dict[str, int]:
         return {"BLOCK_M": 1 if big else 2, "num_warps": 16 if big else 8, "NUM_STAGES": 1, "PROGRAMS_PER_SM": 0}
     bm = max(1, min(64, 4096 // bn, next_power_of_2(n_rows)))
     return {"BLOCK_M": bm, "num_warps": 4, "NUM_STAGES": 1, "PROGRAMS_PER_SM": 0}
+
+
+def pair_config(width: int) -> dict[str, int]:
+    """Config of ``rms_norm_pair_residual_fwd_kernel`` (three rows of fp32 live at once): one row per program with
+    8 warps up to 4096 columns (16 above), several rows for narrow widths; pinned by ``CONFIG_ENV`` as the others."""
+    bn = next_power_of_2(width)
+    cfg = {"BLOCK_M": max(1, 2048 // bn), "num_warps": 16 if bn > 4096 else (8 if bn >= 2048 else 4)}
+    if os.environ.get(CONFIG_ENV):
+        cfg.update({k: v for k, v in pinned_config(CONFIG_ENV).items() if k in cfg})
+    return cfg
 
 
 @functools.lru_cache(maxsize=8)
@@ -363,6 +404,20 @@ def rms_norm_residual_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch
             HAS_W=weight is not None, HAS_NEXT=next_weight is not None, HAS_OUT_SCALE=out_scale is not None,
             LEAD=lead,
             BLOCK_N=next_power_of_2(D), **_launch_opts(cfg, n_blocks, nprog))
+
+
+def rms_norm_pair_residual_fwd(x1: torch.Tensor, x2: torch.Tensor, residual: torch.Tensor, w1: torch.Tensor,
+                               w2: torch.Tensor, weight: torch.Tensor, eps1: float, eps2: float, eps: float,
+                               out: torch.Tensor, out_scale: torch.Tensor | None, cfg: dict[str, int]) -> None:
+    """Launch ``rms_norm_pair_residual_fwd_kernel`` on contiguous ``x1, x2, residual`` into contiguous ``out``
+    (``out_scale`` a one-element tensor or None). No validation."""
+    D = x1.shape[-1]
+    n_rows = out.numel() // D
+    with device_of(x1):
+        rms_norm_pair_residual_fwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
+            x1, x2, residual, w1, w2, weight, out_scale, out, n_rows, D, float(eps1), float(eps2), float(eps),
+            HAS_OUT_SCALE=out_scale is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=next_power_of_2(D),
+            num_warps=cfg["num_warps"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,6 +575,65 @@ def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     return out if nxt is None else (out, nxt)
 
 
-__all__ = ["RMSNormOutput", "rms_norm", "rms_norm_residual", "rms_norm_fwd", "rms_norm_residual_fwd",
-           "rms_norm_fwd_kernel", "rms_norm_residual_fwd_kernel", "rms_norm_configs", "default_config",
+def rms_norm_pair_residual(x1: torch.Tensor, x2: torch.Tensor, residual: torch.Tensor, w1: torch.Tensor,
+                           w2: torch.Tensor, weight: torch.Tensor, eps1: float = 1e-6, eps2: float = 1e-6,
+                           eps: float = 1e-6, *, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The tail of HF's MoE decoder layer in one pass: ``residual + norm(norm(x1) * w1 + norm(x2) * w2) * weight``.
+
+    HF (``Gemma4TextDecoderLayer`` with ``enable_moe_block``): ``h1 = post_feedforward_layernorm_1(mlp_out)``,
+    ``h2 = post_feedforward_layernorm_2(experts_out)``, ``h = h1 + h2``, ``residual + post_feedforward_layernorm(h)``
+    and ``*= layer_scalar``: five passes over the residual stream, here one (each intermediate rounded to x1's dtype
+    where HF rounds it).
+
+    Args:
+        x1: ``[..., D]`` float16 / bfloat16 / float32, the dense MLP output; CUDA or interpreter CPU.
+        x2: same shape and dtype, the experts' output.
+        residual: same shape, any supported dtype; ``out``'s dtype is torch's promotion of (residual, x1).
+        w1, w2, weight: ``[D]`` the three norms' weights (no ``1 + w`` offset).
+        eps1, eps2, eps: their epsilons.
+        out_scale: None or a one-element float tensor (``layer_scalar``): ``out`` times it, rounded again.
+
+    Returns:
+        ``out``, x1's shape, contiguous. Runs ``rms_norm_pair_residual_naive`` under autograd, for empty inputs or
+        rows wider than ``MAX_WIDTH`` (logged once); non-contiguous inputs are copied.
+
+    Raises:
+        TypeError / ValueError naming the argument for unsupported dtype, shape or device.
+    """
+    for name, t in (("x1", x1), ("x2", x2), ("residual", residual)):
+        _check_tensor(name, t, x1.device)
+        if t.shape != x1.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, x1 has {tuple(x1.shape)}; they must match")
+    if x2.dtype != x1.dtype:
+        raise TypeError(f"x2 is {x2.dtype} but x1 is {x1.dtype}; they must match")
+    if x1.dim() == 0:
+        raise ValueError("x1 must have at least one dimension (the normalized last dim)")
+    D = x1.shape[-1]
+    for name, w in (("w1", w1), ("w2", w2), ("weight", weight)):
+        if w is None:
+            raise ValueError(f"{name} is required (the MoE layer's norms carry weights)")
+        _check_weight(name, w, D, x1.device)
+    if out_scale is not None:
+        _check_tensor("out_scale", out_scale, x1.device)
+        if out_scale.numel() != 1:
+            raise ValueError(f"out_scale must hold one element, got shape {tuple(out_scale.shape)}")
+    args = (x1, x2, residual, w1, w2, weight, eps1, eps2, eps)
+    if torch.is_grad_enabled() and needs_grad(x1, x2, residual, w1, w2, weight, out_scale):
+        log_once("grad-rms_norm_pair_residual", "rms_norm_pair_residual: gradients requested; using the naive op")
+        return rms_norm_pair_residual_naive(*args, out_scale=out_scale)
+    if x1.numel() == 0 or D > MAX_WIDTH:
+        if D > MAX_WIDTH:
+            log_once(f"wide-pair-{D}", "rms_norm_pair_residual: width %d exceeds %d; using the naive op", D,
+                     MAX_WIDTH, level=logging.WARNING)
+        return rms_norm_pair_residual_naive(*args, out_scale=out_scale)
+    _check_launchable(x1)
+    x1, x2, residual = x1.contiguous(), x2.contiguous(), residual.contiguous()
+    out = torch.empty(x1.shape, dtype=torch.promote_types(residual.dtype, x1.dtype), device=x1.device)
+    rms_norm_pair_residual_fwd(x1, x2, residual, w1, w2, weight, eps1, eps2, eps, out, out_scale, pair_config(D))
+    return out
+
+
+__all__ = ["RMSNormOutput", "rms_norm", "rms_norm_residual", "rms_norm_pair_residual", "rms_norm_fwd",
+           "rms_norm_residual_fwd", "rms_norm_pair_residual_fwd", "rms_norm_fwd_kernel",
+           "rms_norm_residual_fwd_kernel", "rms_norm_pair_residual_fwd_kernel", "pair_config", "rms_norm_configs", "default_config",
            "pick_config", "row_bucket", "CONFIG_ENV"]
