@@ -1,7 +1,8 @@
-"""Tests for the router's input-row kernel (``gemma4_fast.kernels.moe.router_norm``) and the routing built on it.
+"""Tests for the router kernels (``gemma4_fast.kernels.moe``: ``router_norm``, the input rows; ``router_topk``, the
+softmax / top-k / renormalisation) and the routing built on them.
 
-CPU: Triton interpreter in fp32/fp16 (bf16 rounding is wrong in the interpreter) at odd widths, outputs NaN-filled
-before the launch; the routing against HF's ``Gemma4TextRouter`` is in ``test_moe.py``. GPU (``cuda`` marker):
+CPU: Triton interpreter in fp32/fp16 (bf16 rounding is wrong in the interpreter; bf16 logits only load) at odd
+sizes, outputs NaN-filled before the launch; the routing against HF's ``Gemma4TextRouter`` is in ``test_moe.py``. GPU (``cuda`` marker):
 bf16 at the 26B-A4B width, against the naive op (three-way rule) and HF's routing. Compile-and-fit on sm_80/sm_90.
 """
 from __future__ import annotations
@@ -77,17 +78,83 @@ def test_router_norm_pinned_config_errors_and_fallbacks(monkeypatch):
     assert out.requires_grad and torch.equal(out, router_norm_naive(xg, scale))
 
 
-def test_moe_router_uses_the_kernel_rows(monkeypatch):
+def _topk_ref(logits, pes, k):
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    w, i = torch.topk(probs, k, dim=-1)
+    return probs, (w / w.sum(-1, keepdim=True)) * pes[i], i
+
+
+def _run_topk(logits, pes, k):
+    """``router_topk_fwd_kernel`` into NaN / -1 filled outputs (an unwritten element fails the checks)."""
+    T, E = logits.shape
+    probs = torch.full((T, E), float("nan"), device=logits.device)
+    weights = torch.full((T, k), float("nan"), device=logits.device)
+    index = torch.full((T, k), -1, dtype=torch.int64, device=logits.device)
+    be = router_mod.next_power_of_2(max(E, 16))
+    router_mod.router_topk_fwd_kernel[(triton_cdiv(T, max(1, min(16, 2048 // be))),)](
+        logits, pes, probs, weights, index, T, E, K=k, K_PAD=router_mod.next_power_of_2(k),
+        BLOCK_M=max(1, min(16, 2048 // be)), BLOCK_E=be)
+    return probs, weights, index
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _same_choice(got, want):
+    """The chosen experts carry HF's top-k probabilities in HF's order; ids equal wherever the row has no tie among
+    its top k + 1 values (bf16 logits tie exactly, and ``torch.topk`` leaves the order of ties unspecified)."""
+    probs, _, index = got
+    k = index.shape[-1]
+    assert torch.equal(want[0].gather(-1, index), want[0].gather(-1, want[2]))
+    top = want[0].topk(min(k + 1, want[0].shape[-1]), dim=-1).values
+    untied = (top[:, 1:] != top[:, :-1]).all(-1)
+    assert torch.equal(index[untied], want[2][untied])
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 128, 8), (7, 10, 3), (33, 128, 8), (5, 37, 37), (19, 300, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_topk_matches_torch(T, E, k, dtype):
+    g = torch.Generator().manual_seed(T * 1000 + E)
+    logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
+    pes = (torch.rand(E, generator=g) + 0.5).to(dtype)
+    got = _run_topk(logits, pes, k)
+    want = _topk_ref(logits, pes, k)
+    for name, t in zip(("probs", "weights"), got[:2]):
+        assert not torch.isnan(t).any(), name
+    assert (got[2] >= 0).all()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    _same_choice(got, want)
+    if dtype == torch.float32:
+        assert torch.equal(got[2], want[2])
+    w_ref = want[0].gather(-1, got[2])
+    torch.testing.assert_close(got[1], w_ref / w_ref.sum(-1, keepdim=True) * pes[got[2]], rtol=1e-6, atol=1e-7)
+    public = router_mod.router_topk(logits, pes, k)
+    for a, b in zip(public, got):
+        assert torch.equal(a, b)
+
+
+def test_router_topk_ties_take_the_lowest_id():
+    logits = torch.tensor([[0.0, 1.0, 1.0, 0.5, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    _, w, i = _run_topk(logits, torch.ones(5), 3)
+    assert i.tolist() == [[1, 2, 4], [0, 1, 2]]
+    torch.testing.assert_close(w, torch.full((2, 3), 1 / 3))
+
+
+def test_moe_router_uses_the_kernels(monkeypatch):
     calls = []
-    monkeypatch.setattr(router_mod, "router_norm", lambda *a, **k: calls.append(1) or router_norm_naive(*a, **k))
+    monkeypatch.setattr(router_mod, "router_norm", lambda *a, **k: calls.append("norm") or router_norm_naive(*a, **k))
+    topk = router_mod.router_topk
+    monkeypatch.setattr(router_mod, "router_topk", lambda *a, **k: calls.append("topk") or topk(*a, **k))
     x, scale = _inputs(11, 40, torch.float32)
     w = torch.randn(6, 40)
     pes = torch.rand(6) + 0.5
     got = moe_router(x, w, scale, pes, top_k=2)
     want = moe_router_naive(x, w, scale, pes, top_k=2)
-    assert calls == [1]
-    for g, n in zip(got, want):
-        assert torch.equal(g, n)
+    assert calls == ["norm", "topk"]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +169,20 @@ def test_gpu_router_norm(dtype, rows):
     y = torch.full(x.shape, float("nan"), dtype=dtype, device="cuda")
     router_mod.router_norm_fwd(x, scale, 1e-6, y, router_mod.pick_config(2816))
     _check(y, x, scale, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_gpu_router_topk():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(4099, 128, generator=g, device="cuda") * 2).bfloat16()
+    pes = (torch.rand(128, generator=g, device="cuda") + 0.5).bfloat16()
+    got = _run_topk(logits, pes, 8)
+    want = _topk_ref(logits, pes, 8)
+    assert not torch.isnan(got[0]).any() and not torch.isnan(got[1]).any()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
+    _same_choice(got, want)
+    w_ref = want[0].gather(-1, got[2])
+    torch.testing.assert_close(got[1], w_ref / w_ref.sum(-1, keepdim=True) * pes[got[2]], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.cuda
@@ -137,6 +218,18 @@ def _compile_report(capability, candidates):
                                          capability=capability, num_warps=cfg["num_warps"], num_stages=1)
                 if not res.fits:
                     bad.append([dtype, width, cfg, res.shared])
+    kernel = router_mod.router_topk_fwd_kernel
+    names = list(inspect.signature(kernel.fn).parameters)
+    sig = {"L": "*bf16", "PES": "*bf16", "P": "*fp32", "W": "*fp32", "I": "*i64", "n_rows": "i32", "E": "i32",
+           "K": "constexpr", "K_PAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_E": "constexpr"}
+    for E, k in ((128, 8), (1024, 8), (64, 64)):
+        be = router_mod.next_power_of_2(E)
+        checked += 1
+        res = compile_for_target(kernel, {n: sig[n] for n in names},
+                                 {"K": k, "K_PAD": router_mod.next_power_of_2(k), "BLOCK_M": max(1, min(16, 2048 // be)),
+                                  "BLOCK_E": be}, capability=capability, num_warps=4, num_stages=1)
+        if not res.fits:
+            bad.append(["topk", E, k, res.shared])
     return {"checked": checked, "bad": bad}
 
 

@@ -2,13 +2,15 @@
 
 HF's router runs seven elementwise passes over ``[T, H]`` before its ``[T, H] x [H, E]`` product (the fp32 upcast,
 square, mean, scale, cast back, ``* scale``, ``* H ** -0.5``): on the 26B-A4B shape at 4k tokens about 0.15 ms per
-layer, more than the product itself. ``router_norm`` computes those rows in one read and one write, with HF's
-three roundings to the input dtype (after the norm, after ``* scale``, after ``* H ** -0.5``). The product, the
-fp32 softmax, the top-k and the renormalisation stay HF's own ops, so the choice of experts follows HF's rules
-(``torch.topk`` on the same probabilities). The only difference from HF's arithmetic is the order of the
-mean-square sum (a Triton row reduction instead of torch's): the norm's rows can differ from HF's by one rounding
-step in rare elements, which can move a token's k-th expert only where two probabilities nearly tie, as any
-reordering of a bf16 model's arithmetic can. ``moe_router_naive`` is HF's routing op for op.
+layer, more than the product itself; after it, ``torch.topk`` over 128 probabilities takes ~85 us per layer and the
+softmax, sum, divide, gather and multiply five more launches. ``router_norm`` computes the input rows in one read
+and one write, with HF's three roundings to the input dtype (after the norm, after ``* scale``, after
+``* H ** -0.5``); the product stays cuBLAS's; ``router_topk`` does the fp32 softmax, the top-k (descending, ties to
+the lowest expert id), the renormalisation and ``per_expert_scale`` in one pass. The differences from HF's
+arithmetic are the orders of three sums (the mean square, the softmax's denominator, the top-k renormalisation):
+the norm's rows can differ from HF's by one rounding step in rare elements and the probabilities by fp32 rounding,
+which can move a token's k-th expert only where two probabilities nearly tie, as any reordering of a bf16 model's
+arithmetic can. ``moe_router_naive`` is HF's routing op for op.
 
 Configs: ``router_norm_configs`` names the candidates, ``default_config`` picks one from the width, and the env
 var ``GEMMA4_FAST_ROUTER_NORM_CONFIG`` pins one (JSON, e.g. '{"BLOCK_M": 2, "num_warps": 4}').
@@ -50,6 +52,38 @@ def router_norm_fwd_kernel(X, S, Y, n_rows, D, stride_x, root, eps,
     tl.store(Y + rows[:, None] * D + cols[None, :], (h * root).to(ty), mask=mask)
 
 
+@triton.jit
+def router_topk_fwd_kernel(L, PES, P, W, I, n_rows, E,
+                           K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per row of the router logits ``L [n_rows, E]``: ``P = softmax(L)`` (fp32), the ``K`` largest probabilities
+    in descending order (ties: the lowest expert id), renormalised to sum 1 and times ``PES[index]``, into
+    ``W [n_rows, K]`` fp32 and ``I [n_rows, K]`` int64. All contiguous. Grid ``(cdiv(n_rows, BLOCK_M),)``."""
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols < E)[None, :]
+    logits = tl.load(L + rows[:, None] * E + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    tl.store(P + rows[:, None] * E + cols[None, :], p, mask=mask)
+    q = tl.where(mask, p, -1.0)
+    slots = tl.arange(0, K_PAD)
+    vals = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
+    idxs = tl.zeros([BLOCK_M, K_PAD], dtype=tl.int32)
+    for j in tl.static_range(K):
+        v = tl.max(q, axis=1)
+        i = tl.min(tl.where(q == v[:, None], cols[None, :], BLOCK_E), axis=1)
+        vals = tl.where(slots[None, :] == j, v[:, None], vals)
+        idxs = tl.where(slots[None, :] == j, i[:, None], idxs)
+        q = tl.where(cols[None, :] == i[:, None], -2.0, q)
+    kmask = rmask[:, None] & (slots < K)[None, :]
+    w = vals / tl.sum(vals, axis=1)[:, None]
+    w = w * tl.load(PES + idxs, mask=kmask, other=0.0).to(tl.float32)
+    tl.store(W + rows[:, None] * K + slots[None, :], w, mask=kmask)
+    tl.store(I + rows[:, None] * K + slots[None, :], idxs.to(tl.int64), mask=kmask)
+
+
 def router_norm_configs(width: int) -> list[dict[str, int]]:
     """Candidate configs for rows of ``width``: BLOCK_M rows per program (tiles of 2048-16384 elements) and
     num_warps, 8-64 elements per thread."""
@@ -89,6 +123,38 @@ def router_norm_fwd(x: torch.Tensor, scale: torch.Tensor, eps: float, y: torch.T
         router_norm_fwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
             x, scale, y, n_rows, D, x.stride(0), float(D ** -0.5), float(eps),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=next_power_of_2(max(D, 16)), num_warps=cfg["num_warps"])
+
+
+#: Most experts the top-k kernel takes in one row (all of a row's logits sit in registers).
+MAX_EXPERTS = 1024
+
+
+def router_topk(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):
+    """HF's routing after the projection, in one pass: ``probs = softmax(logits)`` in fp32, the ``top_k`` largest,
+    renormalised to sum 1, times ``per_expert_scale[index]``.
+
+    Args:
+        logits: ``[T, E]`` the router projection's output (any float dtype), contiguous rows.
+        per_expert_scale: ``[E]`` (``router.per_expert_scale``), a dtype whose product with fp32 is fp32.
+        top_k: ``1 <= top_k <= E``.
+
+    Returns:
+        ``(probs [T, E] fp32, top_k_weights [T, k] fp32, top_k_index [T, k] int64)``, the choices in descending
+        probability. Differs from HF's ops only in the order of the softmax's and the renormalisation's sums (fp32
+        rounding) and in ties, which take the lowest expert id (``torch.topk`` leaves that order unspecified).
+    """
+    T, E = logits.shape
+    probs = torch.empty((T, E), dtype=torch.float32, device=logits.device)
+    weights = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
+    index = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
+    if T:
+        block_e = next_power_of_2(max(E, 16))
+        block_m = max(1, min(16, 2048 // block_e))
+        with device_of(logits):
+            router_topk_fwd_kernel[(triton.cdiv(T, block_m),)](
+                logits.contiguous(), per_expert_scale, probs, weights, index, T, E, K=top_k,
+                K_PAD=next_power_of_2(top_k), BLOCK_M=block_m, BLOCK_E=block_e, num_warps=4)
+    return probs, weights, index
 
 
 def _kernel_unsupported(x: torch.Tensor, scale: torch.Tensor) -> str | None:
@@ -147,10 +213,11 @@ def moe_router(
     top_k: int,
     eps: float = 1e-6,
 ):
-    """Route tokens to experts as HF's ``Gemma4TextRouter`` does, the input rows from ``router_norm``.
+    """Route tokens to experts as HF's ``Gemma4TextRouter`` does: ``router_norm``, the projection, ``router_topk``.
 
     ``h = router_norm(x, scale, eps)`` (HF's ``norm(x) * scale * H**-0.5``), ``probs = softmax(h @ proj_weight.T)``
-    in fp32, top-k, renormalised to sum 1, times ``per_expert_scale[top_k_index]``: HF's ops after the norm.
+    in fp32, top-k, renormalised to sum 1, times ``per_expert_scale[top_k_index]`` (``router_topk``; HF's ops when
+    the kernel cannot launch or E > ``MAX_EXPERTS``).
 
     Args:
         x: ``[T, H]`` hidden states (the residual stream entering the MLP), bf16/fp16/fp32.
@@ -178,7 +245,11 @@ def moe_router(
         raise ValueError(f"top_k must be in [1, {proj_weight.shape[0]}], got {top_k}")
     if needs_grad(x, proj_weight, scale, per_expert_scale):
         return moe_router_naive(x, proj_weight, scale, per_expert_scale, top_k=top_k, eps=eps)
-    probs = F.softmax(F.linear(router_norm(x, scale, eps), proj_weight), dim=-1, dtype=torch.float32)
+    logits = F.linear(router_norm(x, scale, eps), proj_weight)
+    if (can_launch(logits) and proj_weight.shape[0] <= MAX_EXPERTS and per_expert_scale.is_floating_point()
+            and per_expert_scale.dtype != torch.float64 and per_expert_scale.device == logits.device):
+        return router_topk(logits, per_expert_scale, top_k)
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
     top_k_weights, top_k_index = torch.topk(probs, k=top_k, dim=-1)
     top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
     return probs, top_k_weights * per_expert_scale[top_k_index], top_k_index
