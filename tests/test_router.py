@@ -91,14 +91,10 @@ def _run_topk(logits, pes, k):
     weights = torch.full((T, k), float("nan"), device=logits.device)
     index = torch.full((T, k), -1, dtype=torch.int64, device=logits.device)
     be = router_mod.next_power_of_2(max(E, 16))
-    router_mod.router_topk_fwd_kernel[(triton_cdiv(T, max(1, min(16, 2048 // be))),)](
-        logits, pes, probs, weights, index, T, E, K=k, K_PAD=router_mod.next_power_of_2(k),
-        BLOCK_M=max(1, min(16, 2048 // be)), BLOCK_E=be)
+    bm = max(1, min(16, 2048 // be))
+    router_mod.router_topk_fwd_kernel[((T + bm - 1) // bm,)](
+        logits, pes, probs, weights, index, T, E, K=k, K_PAD=router_mod.next_power_of_2(k), BLOCK_M=bm, BLOCK_E=be)
     return probs, weights, index
-
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def _same_choice(got, want):
