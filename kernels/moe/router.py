@@ -63,7 +63,8 @@ def router_topk_fwd_kernel(L, PES, P, W, I, n_rows, E,
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < n_rows
     mask = rmask[:, None] & (cols < E)[None, :]
-    logits = tl.load(L + rows[:, None] * E + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    logits = tl.load(L + rows[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    logits = tl.where((cols < E)[None, :], logits, float("-inf"))  # rows past n_rows stay finite: no NaN lanes
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     p = e / tl.sum(e, axis=1)[:, None]
     tl.store(P + rows[:, None] * E + cols[None, :], p, mask=mask)
