@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--mode", choices=("hf", "bridge", "cache_resid", "cache_all", "decode"), default="hf")
     ap.add_argument("--graphs", action="store_true")
+    ap.add_argument("--trace", default=None, help="write the profiled call's chrome trace to TRACE-<preset>-<mode>-<S>.json")
     ap.add_argument("--sync-trace", action="store_true")
     ap.add_argument("--cprofile", type=int, default=0)
     ap.add_argument("--rows", type=int, default=25)
@@ -149,6 +150,8 @@ def main() -> None:
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 call()
                 torch.cuda.synchronize()
+            if args.trace:
+                prof.export_chrome_trace(f"{args.trace}-{args.preset}-{args.mode}-{s}.json")
             ka = prof.key_averages()
             gpu_ms = sum(e.self_device_time_total for e in ka) / 1e3
             syncs = sum(e.count for e in ka if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")

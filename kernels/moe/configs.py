@@ -83,8 +83,23 @@ def config_candidates(num_tokens: int, top_k: int, num_experts: int) -> list[dic
                    _gemm(128, 64, 8, 8, 4), _gemm(128, 64, 16, 8, 3))
             dns = (_gemm(128, 64, 8, 8, 4), _gemm(256, 64, 8, 8, 3), _gemm(128, 128, 8, 8, 3),
                    _gemm(256, 64, 8, 8, 4), _gemm(256, 64, 16, 8, 3))
+        if rows_per_expert >= 64:
+            gus += _WIDE[bm]["gate_up"]
+            dns += _WIDE[bm]["down"]
         out.extend({"BLOCK_M": bm, "gate_up": gu, "down": dn} for gu in gus for dn in dns)
     return out
+
+
+#: Extra tiles the tuner times for prefill sizes (>= 64 rows per expert): deeper pipelines, wider groups,
+#: 32-wide K steps for the short down GEMM (K = I = 704).
+_WIDE = {
+    64: {"gate_up": (_gemm(128, 64, 8, 4, 4), _gemm(128, 64, 16, 8, 4), _gemm(64, 64, 8, 4, 5)),
+         "down": (_gemm(256, 64, 8, 8, 4), _gemm(128, 64, 8, 4, 5), _gemm(256, 32, 8, 8, 5))},
+    128: {"gate_up": (_gemm(128, 64, 4, 8, 4), _gemm(128, 64, 32, 8, 4), _gemm(128, 32, 8, 8, 6),
+                      _gemm(64, 64, 8, 4, 4), _gemm(128, 64, 8, 8, 5), _gemm(64, 128, 8, 8, 4)),
+          "down": (_gemm(256, 64, 4, 8, 4), _gemm(256, 64, 32, 8, 4), _gemm(256, 32, 8, 8, 6),
+                   _gemm(128, 64, 8, 4, 4), _gemm(256, 64, 8, 8, 5), _gemm(128, 128, 8, 8, 4))},
+}
 
 
 def pinned() -> dict[str, Any] | None:
