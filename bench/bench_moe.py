@@ -145,7 +145,7 @@ def _try_time(fn, m, cfg, launches=1):
         return None
 
 
-def tune(ms, gu, dn, deadline, out_dir=None):
+def tune(ms, gu, dn, deadline, out_dir=None, block_ms=None):
     """Per M: time each candidate GEMM tile alone (CUDA-graph replays), then the best pair per BLOCK_M
     end to end; keep the fastest. Returns ``({M: config}, log)``."""
     from gemma4_fast.kernels.moe import configs
@@ -162,6 +162,8 @@ def tune(ms, gu, dn, deadline, out_dir=None):
         y = torch.empty(m, H, device="cuda", dtype=x.dtype)
         by_bm = {}
         for c in configs.config_candidates(m, K, E):
+            if block_ms and c["BLOCK_M"] not in block_ms:
+                continue
             gus, dns = by_bm.setdefault(c["BLOCK_M"], ([], []))
             if c["gate_up"] not in gus:
                 gus.append(c["gate_up"])
@@ -275,6 +277,7 @@ def main(argv=None):
     ap.add_argument("--tune-share", type=float, default=0.6, help="fraction of the budget for tuning")
     ap.add_argument("--hf", default="grouped_mm,batched_mm,eager", help="HF implementations to time")
     ap.add_argument("--host", action="store_true", help="also measure host microseconds per call at M=1")
+    ap.add_argument("--block-m", default="", help="tune only these BLOCK_M values (comma-separated)")
     args = ap.parse_args(argv)
     t0 = time.time()
     ms = [int(v) for v in args.ms.split(",") if v]
@@ -286,7 +289,8 @@ def main(argv=None):
     if args.tune:
         from gemma4_fast.kernels.moe import configs
 
-        table, log = tune(ms, gu, dn, t0 + args.budget_s * args.tune_share, out_dir)
+        table, log = tune(ms, gu, dn, t0 + args.budget_s * args.tune_share, out_dir,
+                          block_ms={int(v) for v in args.block_m.split(",") if v})
         doc = table_doc(table)
         (out_dir / "moe_tuned_configs.json").write_text(json.dumps(doc, indent=1))
         (out_dir / "moe_tune_log.json").write_text(json.dumps(log, indent=1))

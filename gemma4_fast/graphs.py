@@ -17,6 +17,11 @@ Scope and rules:
   later calls copy their inputs into the captured buffers and replay. A capture that fails (a host sync inside
   the layer, an unsupported argument) leaves that layer and signature eager, logged once.
 - Outputs are cloned, so a hook or a cache that keeps a layer output never sees it overwritten by a later replay.
+- Input copies are skipped where the captured buffer already holds the argument: a layer captured with another
+  layer's returned output as its input reads that layer's captured output buffer, and layers captured with the
+  same tensor argument (the rotary tables, position ids) share one buffer. Each copy records which tensor (object
+  and version counter) the buffer now holds; a later copy of that same, unmodified tensor is skipped, anything
+  else (another tensor, an in-place edit by a hook) is copied.
 - A graph is dropped (and the layer re-captured after a new warm-up) when a parameter it reads was replaced or moved
   to other storage, and every graph after any ``patch_model`` / ``unpatch_model`` call; replacing a submodule of an HF layer after enabling needs ``disable``/``enable`` again (bridge
   blocks rebuild their twin themselves).
@@ -92,12 +97,6 @@ def _clone(value: Any) -> Any:
     return value
 
 
-def _copy_into(dst: Any, src: Any) -> None:
-    for d, s in zip(_flat(dst), _flat(src)):
-        if d is not s:
-            d.copy_(s)
-
-
 class _RecordingCache:
     """Stands in for a fresh ``DynamicCache`` while a layer is captured: ``update`` returns the new keys/values (what
     an empty dynamic layer returns) and records the call; after each replay the recorded updates are applied to the
@@ -167,10 +166,64 @@ class PrefillGraphs:
         self._forward: Optional[Callable[[], Any]] = None
         self._forward_sig: Any = None
         self.generation = patch.GENERATION
+        #: id(captured input buffer) -> (weakref to the tensor it holds, that tensor's version when copied).
+        self._holds: dict[int, tuple[Any, int]] = {}
+        #: id(argument tensor) -> (weakref to it, the captured buffer holding its value): capture-time sharing.
+        self._buffer_of: dict[int, tuple[Any, torch.Tensor]] = {}
+        self.copies_skipped = 0
 
     def clear(self) -> None:
         self.pools.clear()
         self.entries.clear()
+        self._holds.clear()
+        self._buffer_of.clear()
+
+    def _note(self, buf: torch.Tensor, src: torch.Tensor) -> None:
+        """Record that ``buf`` holds the value of ``src`` (as it is now) and can stand in for it."""
+        ref = weakref.ref(src)
+        self._holds[id(buf)] = (ref, src._version)
+        self._buffer_of[id(src)] = (ref, buf)
+        if len(self._buffer_of) > 4096:  # records of past forwards' arguments (dead weakrefs)
+            self._buffer_of = {k: v for k, v in self._buffer_of.items() if v[0]() is not None}
+            self._holds = {k: v for k, v in self._holds.items() if v[0]() is not None}
+
+    def _copy_into(self, dst: Any, src: Any) -> None:
+        """Copy each argument tensor into its captured buffer unless the buffer already holds it."""
+        for d, s in zip(_flat(dst), _flat(src)):
+            if d is s:
+                continue
+            held = self._holds.get(id(d))
+            if held is not None and held[0]() is s and held[1] == s._version:
+                self.copies_skipped += 1
+                continue
+            d.copy_(s)
+            self._note(d, s)
+
+    def _buffers(self, value: Any) -> Any:
+        """Captured input buffers for ``value``: a buffer that already holds a tensor argument (another layer's
+        output, an argument several layers take) is shared, anything else is cloned."""
+        if isinstance(value, torch.Tensor):
+            known = self._buffer_of.get(id(value))
+            if known is not None and known[0]() is value and self._holds.get(id(known[1]), (None, -1))[1] == \
+                    value._version and known[1].shape == value.shape and known[1].stride() == value.stride() \
+                    and known[1].dtype == value.dtype and known[1].device == value.device:
+                return known[1]
+            buf = value.clone()
+            self._note(buf, value)
+            return buf
+        if isinstance(value, tuple):
+            return tuple(self._buffers(v) for v in value)
+        if isinstance(value, list):
+            return [self._buffers(v) for v in value]
+        return value
+
+    def _returned(self, out: Any) -> Any:
+        """Clones of the captured outputs for the caller, each recorded as held by its captured buffer (a later
+        layer may take it as input)."""
+        res = _clone(out)
+        for buf, copy in zip(_flat(out), _flat(res)):
+            self._note(buf, copy)
+        return res
 
     def _layer_index(self, layer: nn.Module) -> Optional[int]:
         idx = self.cache_index.get(id(layer), -1)
@@ -236,9 +289,9 @@ class PrefillGraphs:
         if entry.weights() != entry.params:
             del self.entries[key]
             return fn(*args, **kwargs)
-        _copy_into(entry.args, args)
+        self._copy_into(entry.args, args)
         for k, v in entry.kwargs.items():
-            _copy_into(v, kwargs[k])
+            self._copy_into(v, kwargs[k])
         entry.graph.replay()
         self.replays += 1
         if shared is not None:
@@ -246,7 +299,7 @@ class PrefillGraphs:
         if entry.recorder is not None and kwargs.get(_CACHE) is not None:
             for key_states, value_states, idx, a, kw in entry.recorder.updates:
                 kwargs[_CACHE].update(key_states.clone(), value_states.clone(), idx, *a, **kw)
-        return _clone(entry.out)
+        return self._returned(entry.out)
 
     def _forward_key(self, sig: Any, shared: Optional[dict]) -> Any:
         """The signature that groups the layer calls of one forward (one memory pool, one set of captured KV
@@ -269,8 +322,8 @@ class PrefillGraphs:
         return shared is None or all(getattr(t, _STATIC, None) == fwd_sig for t in _flat(list(shared.values())))
 
     def _capture(self, entry: _Entry, layer: nn.Module, fn, args, kwargs, shared, pool, fwd_sig) -> Any:
-        entry.args = _clone(args)
-        statics = {k: _clone(v) for k, v in kwargs.items() if k not in (_SHARED, _CACHE)}
+        entry.args = self._buffers(args)
+        statics = {k: self._buffers(v) for k, v in kwargs.items() if k not in (_SHARED, _CACHE)}
         before = dict(shared) if shared is not None else {}
         real_cache = kwargs.get(_CACHE)
         recorder = None if real_cache is None else _RecordingCache()
@@ -317,7 +370,7 @@ class PrefillGraphs:
         if recorder is not None:
             for key_states, value_states, idx, a, kw in recorder.updates:
                 real_cache.update(key_states.clone(), value_states.clone(), idx, *a, **kw)
-        return _clone(out)
+        return self._returned(out)
 
 
 def _hf_model(obj: Any) -> nn.Module:

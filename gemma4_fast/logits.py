@@ -117,68 +117,6 @@ def _valid_cap(cap: Any) -> bool:
     return isinstance(cap, (int, float)) and not isinstance(cap, bool) and math.isfinite(cap) and cap > 0
 
 
-_SIDE_STREAMS: dict[Any, Any] = {}
-
-
-def _side_stream(device: torch.device) -> Any:
-    """One side stream per CUDA device for the chunked LM head's softcap passes."""
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(key)
-    if stream is None:
-        stream = _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
-    return stream
-
-
-def lm_head_softcap(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], cap: float, *,
-                    chunks: int = 4, out: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
-    """``cap * tanh((x @ weight.T + bias) / cap)``: the LM head GEMM cut into ``chunks`` row chunks, each chunk's
-    softcap (``ops.logit_softcap`` in place) queued right after its GEMM. On CUDA the softcap passes run on a side
-    stream, so a chunk's memory-bound softcap overlaps the next chunk's compute-bound GEMM; the caller's stream
-    waits for the side stream before returning (the logits are then complete on the caller's stream).
-
-    Args:
-        x: ``[..., hidden]`` hidden states (any leading shape).
-        weight: ``[vocab, hidden]`` LM head weight, x's dtype and device.
-        bias: ``[vocab]`` or None.
-        cap: the final logit softcap, a finite number > 0.
-        chunks: number of row chunks (clamped to the row count); 1 runs the GEMM and then one softcap pass.
-        out: ``[..., vocab]`` contiguous, x's dtype (allocated when None).
-        backend: the softcap op's backend (``ops.logit_softcap``).
-    Returns:
-        ``out`` (``[..., vocab]``, x's dtype). The GEMM is torch's (cuBLAS on CUDA), one call per chunk.
-    """
-    if not _valid_cap(cap):
-        raise ValueError(f"cap must be a finite number > 0, got {cap!r}")
-    if chunks < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
-    vocab = weight.shape[0]
-    if out is None:
-        out = torch.empty(*x.shape[:-1], vocab, dtype=x.dtype, device=x.device)
-    elif not out.is_contiguous() or tuple(out.shape) != (*x.shape[:-1], vocab):
-        raise ValueError(f"out must be contiguous with shape {(*x.shape[:-1], vocab)}, got {tuple(out.shape)}")
-    x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, vocab)
-    rows = x2.shape[0]
-    n = max(1, min(chunks, rows))
-    step = -(-rows // n)
-    side = _side_stream(x.device) if x.is_cuda and n > 1 else None
-    main = torch.cuda.current_stream(x.device) if side is not None else None
-    for start in range(0, rows, step):
-        xs, os_ = x2[start:start + step], o2[start:start + step]
-        if bias is None:
-            torch.matmul(xs, weight.t(), out=os_)
-        else:
-            torch.addmm(bias, xs, weight.t(), out=os_)
-        if side is None:
-            ops.logit_softcap(os_, cap, out=os_, backend=backend)
-            continue
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            ops.logit_softcap(os_, cap, out=os_, backend=backend)
-    if side is not None:
-        main.wait_stream(side)
-    return out
-
-
 class FastLogitsMixin:
     """Forward of the top-level Gemma 4 LM classes with the final softcap in place; see the module docstring.
 

@@ -169,6 +169,72 @@ def test_bridge_quiet_blocks_replay(emulated):
     assert not any("_g4f_prefill_graphs" in b.__dict__ for b in bridge.blocks)
 
 
+def test_input_copies_are_skipped_only_where_the_buffer_holds_the_argument(emulated):
+    """Layer 1 is captured reading layer 0's output buffer and both share the ``scale`` argument's buffer: their
+    copies are skipped while the arguments are the tensors the buffers hold. A stale tensor (layer 0 replayed
+    since), an in-place edit and another tensor are copied."""
+    torch.manual_seed(0)
+    l0, l1 = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+    graphs = PrefillGraphs()
+
+    def run(layer, x, scale):
+        return graphs(layer, lambda h, scale: layer(h) * scale, (x,), {"scale": scale})
+
+    def eager(layer, x, scale):
+        return layer(x) * scale
+
+    with torch.no_grad():
+        for _ in range(3):
+            x, scale = torch.randn(2, 5, 6), torch.randn(6)
+            y0 = run(l0, x, scale)
+            y1 = run(l1, y0, scale)
+            torch.testing.assert_close(y1, eager(l1, eager(l0, x, scale), scale))
+        assert graphs.replays == 4 and graphs.copies_skipped == 2  # layer 1: y0 and scale in the third forward
+        stale = y0
+        x2 = torch.randn(2, 5, 6)
+        fresh = run(l0, x2, scale)  # overwrites layer 0's output buffer, which layer 1 reads
+        torch.testing.assert_close(run(l1, stale, scale), eager(l1, stale, scale))
+        edited = run(l0, x2, scale)
+        edited.mul_(3.0)
+        torch.testing.assert_close(run(l1, edited, scale), eager(l1, edited, scale))
+        torch.testing.assert_close(run(l1, fresh, scale * 2), eager(l1, fresh, scale * 2))
+        skipped = graphs.copies_skipped
+        y0 = run(l0, x2, scale)
+        torch.testing.assert_close(run(l1, y0, scale), eager(l1, eager(l0, x2, scale), scale))
+        assert graphs.copies_skipped == skipped + 3  # x2 (layer 0 holds it), y0 and scale (layer 1)
+
+
+def test_bridge_forward_skips_chained_copies_and_respects_an_in_place_hook(emulated):
+    """Through a TransformerBridge: after capture, every block after the first reads the previous block's
+    captured output; a hook that edits the residual stream in place between blocks is still seen."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from gemma4_fast.graphs import prefill_graphs
+
+    tok = offline_tokenizer()
+    name = "tiny-moe"
+    bridge = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu",
+                                                 fast_kernels=True, fast_backend="torch", prefill_graphs=True)
+    ref = boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
+                            fast_backend="torch")
+    graphs = prefill_graphs(bridge)
+    n = len(bridge.blocks)
+
+    def double(t, hook):
+        return t.mul_(2.0)
+
+    with torch.no_grad():
+        for seed in range(3):
+            torch.testing.assert_close(bridge(_ids(seed)), ref(_ids(seed)), rtol=1e-4, atol=1e-4)
+        assert graphs.replays == 2 * n and graphs.copies_skipped >= n - 1
+        hooks = [("blocks.2.hook_resid_pre", double)]
+        replays = graphs.replays
+        out = bridge.run_with_hooks(_ids(4), fwd_hooks=hooks)
+        torch.testing.assert_close(out, ref.run_with_hooks(_ids(4), fwd_hooks=hooks), rtol=1e-4, atol=1e-4)
+        assert graphs.replays == replays + n
+        assert not torch.allclose(out, ref(_ids(4)), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.cuda
 def test_cuda_prefill_graphs_match_eager():
     if not torch.cuda.is_available():
