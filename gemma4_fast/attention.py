@@ -4,7 +4,9 @@
 submodules: ``q_proj`` / ``q_norm`` / ``k_proj`` / ``k_norm`` / ``v_proj`` / ``v_norm`` / ``o_proj``
 run as modules in HF's order, KV sharing and the cache update are HF's; RoPE (``ops.rope``: HF's
 ``apply_rotary_pos_emb`` on the torch backend) and the ``softmax(q k^T) v`` step go to
-``gemma4_fast.ops`` (Triton or torch).
+``gemma4_fast.ops`` (Triton or torch). A ``q_norm`` / ``k_norm`` that is a fast RMSNorm nobody observes (no
+module hook of any kind, no active norm seam, no global module hooks) is fused into the RoPE pass
+(``ops.rms_norm_rope``, same arithmetic); any hook on it brings back the module call.
 
 Masks. The attention op takes causality, the sliding window and a key padding mask ``[B, Sk]``
 (queries sit at the end of the keys). ``attention_core`` reads the mask it is given as follows:
@@ -35,7 +37,8 @@ from torch import nn
 from transformers.cache_utils import StaticLayer
 
 from . import ops
-from .hooks import get_hook, hook_active
+from .hooks import get_hook, global_module_hooks, hook_active
+from .norm import FastRMSNormMixin
 from .kernels.attention.naive import visible_mask
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
@@ -240,6 +243,25 @@ def seam_hooks(module: nn.Module, pattern_fn: Optional[HookFn] = None):
     return scores, patterns
 
 
+def _unobserved_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a fast RMSNorm with scale whose call nobody observes (no module hooks of any kind, no
+    active ``scale`` / ``normalized`` seam, no global module hooks): the attention may then fuse it into the RoPE
+    pass (``ops.rms_norm_rope``) instead of calling the module."""
+    return (isinstance(norm, FastRMSNormMixin) and norm.with_scale
+            and not (norm._forward_hooks or norm._forward_pre_hooks or norm._backward_hooks
+                     or norm._backward_pre_hooks)
+            and get_hook(norm, "scale") is None and get_hook(norm, "normalized") is None
+            and not global_module_hooks(backward=True))
+
+
+def _norm_rope(norm: nn.Module, x: torch.Tensor, cos, sin, backend: str) -> torch.Tensor:
+    """``rope(norm(x))`` for a query/key head norm: one fused pass when ``norm`` is unobserved, else the module
+    call then the RoPE op."""
+    if _unobserved_norm(norm):
+        return ops.rms_norm_rope(x, norm.weight, cos, sin, eps=norm.eps, backend=backend)
+    return ops.rope(norm(x), cos, sin, backend=backend)
+
+
 class FastAttentionMixin:
     """Forward of the Gemma 4 text attention on ``gemma4_fast.ops``; mixed into HF's attention classes.
 
@@ -260,8 +282,7 @@ class FastAttentionMixin:
         cos, sin = position_embeddings
 
         query_states = self.q_proj(hidden_states).view(hidden_shape)
-        query_states = self.q_norm(query_states)
-        query_states = ops.rope(query_states, cos, sin, backend=self._g4f_backend)
+        query_states = _norm_rope(self.q_norm, query_states, cos, sin, self._g4f_backend)
         query_states = _apply_hook(get_hook(self, "rot_q"), query_states)
         query_states = query_states.transpose(1, 2)
 
@@ -275,8 +296,7 @@ class FastAttentionMixin:
             key_states = self.k_proj(hidden_states).view(hidden_shape)
             value_states = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_states
 
-            key_states = self.k_norm(key_states)
-            key_states = ops.rope(key_states, cos, sin, backend=self._g4f_backend)
+            key_states = _norm_rope(self.k_norm, key_states, cos, sin, self._g4f_backend)
             key_states = _apply_hook(get_hook(self, "rot_k"), key_states)
             key_states = key_states.transpose(1, 2)
 

@@ -183,6 +183,26 @@ def logit_softcap(x: torch.Tensor, cap: float, *, out: Optional[torch.Tensor] = 
     return _fn("softcap", "logit_softcap", b)(x, cap, out=out)
 
 
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, eps: float,
+                  backend: str = "auto") -> torch.Tensor:
+    """A query/key head norm (``Gemma4RMSNorm`` with scale) followed by RoPE: ``rope(rms_norm(x, weight, eps), cos,
+    sin)``, x ``[B, S, H, D]``. ``"torch"`` runs the norm's naive twin and HF's ``apply_rotary_pos_emb`` (what the
+    two modules run); the Triton op (``gemma4_fast.kernels.rope.rms_norm_rope``) does both in one pass, with a
+    naive-recompute backward when autograd needs gradients. Inputs the RoPE kernel rejects take the torch ops,
+    logged once."""
+    b = resolve(backend, "rms_norm_rope", x, weight, cos, sin, differentiable=True)
+    if b != "torch":
+        why = _pkg("rope").unsupported_reason(x, cos, sin)
+        if why is not None:
+            level = logging.INFO if backend == "triton" else logging.DEBUG
+            log_once(f"fallback:rms_norm_rope:{why}", f"rms_norm_rope: backend {backend!r} cannot run the kernel "
+                     f"({why}); using the torch ops", level=level)
+            b = "torch"
+    if b == "torch":
+        return rope(rms_norm(x, weight, eps, backend="torch"), cos, sin, backend="torch")
+    return _run("rope", "rms_norm_rope", b, (x, weight, cos, sin), {"eps": eps})
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: Optional[int],
               softcap: Optional[float], causal: bool = True, key_padding_mask: Optional[torch.Tensor] = None,
               return_lse: bool = False, backend: str = "auto", kv_lens: Optional[torch.Tensor] = None):

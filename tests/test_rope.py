@@ -266,7 +266,8 @@ def test_ops_rope_gradients_match_hf():
 
 
 def test_attention_module_runs_the_kernel(monkeypatch):
-    """The fast attention module calls the RoPE op for q and k (per its backend) and keeps the seams."""
+    """The fast attention module fuses the unobserved q/k norms into the RoPE pass (``rms_norm_rope``) per its
+    backend and keeps the seams; a hook on a norm brings back the module call and the plain RoPE op."""
     from gemma4_fast import hooks
     from gemma4_fast.models import build_model
     from gemma4_fast.patch import patch_model
@@ -274,11 +275,14 @@ def test_attention_module_runs_the_kernel(monkeypatch):
     rope_mod = importlib.import_module("gemma4_fast.kernels.rope")
     calls = []
 
-    def counting(x, cos, sin):
-        calls.append(tuple(x.shape))
-        return rp.rope(x, cos, sin)
+    def counting(name, fn):
+        def run(x, *args, **kwargs):
+            calls.append((name, tuple(x.shape)))
+            return fn(x, *args, **kwargs)
+        return run
 
-    monkeypatch.setattr(rope_mod, "rope", counting)
+    monkeypatch.setattr(rope_mod, "rope", counting("rope", rp.rope))
+    monkeypatch.setattr(rope_mod, "rms_norm_rope", counting("fused", rp.rms_norm_rope))
     ref = build_model("tiny-dense-k-eq-v")
     fast = copy.deepcopy(ref)
     patch_model(fast, backend="triton")
@@ -292,9 +296,20 @@ def test_attention_module_runs_the_kernel(monkeypatch):
         want = ref(ids).logits
     assert _rel(out, want) <= 1e-4
     n_layers = len(fast.model.layers)
-    assert len(calls) == 2 * n_layers
+    assert [c[0] for c in calls] == ["fused"] * (2 * n_layers)
     assert seen["q"].shape == (1, 6, attn.config.num_attention_heads, attn.head_dim)
     assert seen["k"].is_contiguous()
+    normed = []
+    handle = attn.q_norm.register_forward_hook(lambda m, a, o: normed.append(o.clone()))
+    calls.clear()
+    seen.clear()
+    with torch.no_grad():
+        again = fast(ids).logits
+    handle.remove()
+    assert _rel(again, out) <= 1e-5 and len(normed) == 1
+    assert [c[0] for c in calls] == ["rope"] + ["fused"] * (2 * n_layers - 1)
+    cos, sin = _tables("tiny-dense-k-eq-v", attn.layer_type, 1, 6, normed[0].dtype)
+    torch.testing.assert_close(seen["q"], rp.rope(normed[0], cos, sin), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,10 +320,12 @@ def _signature(kernel):
     names = list(inspect.signature(kernel.fn).parameters)
     sig = {}
     for n in names:
-        if n in ("X", "K", "COS", "SIN", "OX", "OK"):
+        if n in ("X", "K", "COS", "SIN", "OX", "OK", "W"):
             sig[n] = "*bf16"
         elif n in ("S", "HX", "HK", "GX", "HALF"):
             sig[n] = "i32"
+        elif n in ("eps", "DIM"):
+            sig[n] = "fp32"
         elif n.startswith("s"):
             sig[n] = "i64"
     return names, sig
@@ -326,13 +343,13 @@ def _compile_report(capability, candidates):
     uniq = {json.dumps([d, c], sort_keys=True): (d, c) for d, c in pairs}
     bad = []
     for d, cfg in uniq.values():
-        for has_k in (False, True):
-            cx = dict(HAS_K=has_k, HEADS=cfg["HEADS"], BLOCK_S=cfg["BLOCK_S"], BLOCK_H=d // 2)
+        for has_k, norm in ((False, False), (True, False), (False, True)):
+            cx = dict(HAS_K=has_k, HEADS=cfg["HEADS"], BLOCK_S=cfg["BLOCK_S"], BLOCK_H=d // 2, NORM=norm)
             full = {**sig, **{k: "constexpr" for k in cx}}
             res = compile_for_target(rp.rope_fwd_kernel, {n: full[n] for n in names}, cx,
                                      capability=capability, num_warps=cfg["num_warps"], num_stages=1)
             if not res.fits:
-                bad.append([d, cfg, has_k, res.shared])
+                bad.append([d, cfg, has_k, norm, res.shared])
     return {"checked": len(uniq), "bad": bad}
 
 

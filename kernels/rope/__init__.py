@@ -5,7 +5,8 @@ and raise a clear error on other devices; they run the autograd-capable ``rope_n
 ``rope_qk_naive`` when gradients are needed (logged once). ``unsupported_reason`` tells a dispatcher
 why an input cannot take the kernel.
 """
-from .naive import rope_naive, rope_qk_naive
-from .rope import rope, rope_qk, unsupported_reason
+from .naive import rms_norm_rope_naive, rope_naive, rope_qk_naive
+from .rope import rms_norm_rope, rope, rope_qk, unsupported_reason
 
-__all__ = ["rope", "rope_qk", "rope_naive", "rope_qk_naive", "unsupported_reason"]
+__all__ = ["rope", "rope_qk", "rms_norm_rope", "rope_naive", "rope_qk_naive", "rms_norm_rope_naive",
+           "unsupported_reason"]

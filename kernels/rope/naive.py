@@ -34,3 +34,18 @@ def rope_qk_naive(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rope_naive(q, cos, sin), rope_naive(k, cos, sin))``: q ``[B, S, Hq, D]``, k ``[B, S, Hk, D]``."""
     return rope_naive(q, cos, sin), rope_naive(k, cos, sin)
+
+
+def rms_norm_rope_naive(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                        eps: float = 1e-6) -> torch.Tensor:
+    """HF's query/key path: ``Gemma4RMSNorm`` with scale (fp32 math, cast back to x's dtype), then
+    ``apply_rotary_pos_emb``: ``rope_naive(rms_norm_naive(x, weight, eps), cos, sin)``.
+
+    Args:
+        x: ``[B, S, H, D]``; weight ``[D]``; cos, sin ``[B|1, S, D]`` in x's dtype; eps as the norm's.
+    Returns:
+        ``[B, S, H, D]`` in x's dtype.
+    """
+    from ..rmsnorm.naive import rms_norm_naive
+
+    return rope_naive(rms_norm_naive(x, weight, eps), cos, sin)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._common import can_launch, device_of, log_once, needs_grad, next_power_of_2, pinned_config
-from .naive import rope_naive, rope_qk_naive
+from .naive import rms_norm_rope_naive, rope_naive, rope_qk_naive
 
 
 CONFIG_ENV = "GEMMA4_FAST_ROPE_CONFIG"
@@ -46,10 +46,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _rotate_heads(X, OUT, h0, H, b, rows, cols, mask, S, HALF, sxb, sxs, sxh, c1, c2, s1, s2,
-                  HEADS: tl.constexpr):
+def _rotate_heads(X, OUT, h0, H, b, rows, cols, mask, S, HALF, sxb, sxs, sxh, c1, c2, s1, s2, w1, w2, eps, DIM,
+                  HEADS: tl.constexpr, NORM: tl.constexpr):
     """Rotate heads ``h0 .. h0 + HEADS - 1`` (those below H) of the ``[BLOCK_S]`` positions ``rows`` of
-    batch ``b``; X is strided, OUT contiguous ``[B, S, H, 2 * HALF]``."""
+    batch ``b``; X is strided, OUT contiguous ``[B, S, H, 2 * HALF]``. With NORM each head row is first
+    RMS-normalised over its DIM elements and scaled by (w1, w2), in fp32, and rounded to OUT's dtype (what
+    the norm module returns), then rotated."""
     xrow = b.to(tl.int64) * sxb + rows.to(tl.int64) * sxs
     orow = (b.to(tl.int64) * S + rows.to(tl.int64)) * H
     for i in tl.static_range(HEADS):
@@ -58,6 +60,11 @@ def _rotate_heads(X, OUT, h0, H, b, rows, cols, mask, S, HALF, sxb, sxs, sxh, c1
         xo = (xrow + h.to(tl.int64) * sxh)[:, None] + cols[None, :]
         x1 = tl.load(X + xo, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(X + xo + HALF, mask=m, other=0.0).to(tl.float32)
+        if NORM:
+            ms = tl.div_rn(tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1), DIM)
+            inv = tl.div_rn(tl.full(ms.shape, 1.0, tl.float32), tl.sqrt_rn(ms + eps))
+            x1 = (x1 * inv[:, None] * w1[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
+            x2 = (x2 * inv[:, None] * w2[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
         oo = ((orow + h) * (2 * HALF))[:, None] + cols[None, :]
@@ -67,12 +74,15 @@ def _rotate_heads(X, OUT, h0, H, b, rows, cols, mask, S, HALF, sxb, sxs, sxh, c1
 
 @triton.jit
 def rope_fwd_kernel(
-    X, K, COS, SIN, OX, OK,
-    S, HX, HK, GX, HALF,
+    X, K, COS, SIN, OX, OK, W,
+    S, HX, HK, GX, HALF, eps, DIM,
     sxb, sxs, sxh, skb, sks, skh, scb, scs, ssb, sss,
-    HAS_K: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_K: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr,
 ):
     """OX = X * COS + rotate_half(X) * SIN (and OK from K when HAS_K), in fp32, rounded once.
+
+    NORM (without HAS_K): X is first RMS-normalised per head row (``DIM = 2 * HALF`` as fp32, ``eps``) and
+    scaled by W ``[2 * HALF]``, rounded to OX's dtype, as the norm module before the rotation returns it.
 
     X ``[B, S, HX, 2 * HALF]`` and K ``[B, S, HK, 2 * HALF]`` strided (last dim stride 1), COS/SIN
     ``[B, S, 2 * HALF]`` strided (batch stride 0 to broadcast), OX/OK contiguous. Program (i, b, g):
@@ -90,16 +100,22 @@ def rope_fwd_kernel(
     c2 = tl.load(COS + co + HALF, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(SIN + so, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(SIN + so + HALF, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        w1 = tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+    else:
+        w1 = 1.0
+        w2 = 1.0
     if HAS_K:
         if g < GX:
             _rotate_heads(X, OX, g * HEADS, HX, b, rows, cols, mask, S, HALF, sxb, sxs, sxh,
-                          c1, c2, s1, s2, HEADS)
+                          c1, c2, s1, s2, w1, w2, eps, DIM, HEADS, False)
         else:
             _rotate_heads(K, OK, (g - GX) * HEADS, HK, b, rows, cols, mask, S, HALF, skb, sks, skh,
-                          c1, c2, s1, s2, HEADS)
+                          c1, c2, s1, s2, w1, w2, eps, DIM, HEADS, False)
     else:
         _rotate_heads(X, OX, g * HEADS, HX, b, rows, cols, mask, S, HALF, sxb, sxs, sxh,
-                      c1, c2, s1, s2, HEADS)
+                      c1, c2, s1, s2, w1, w2, eps, DIM, HEADS, NORM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,9 +184,13 @@ def _table_strides(t: torch.Tensor) -> tuple[int, int]:
 
 
 def rope_fwd(x: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-             out_x: torch.Tensor, out_k: Optional[torch.Tensor], cfg: dict[str, int]) -> None:
+             out_x: torch.Tensor, out_k: Optional[torch.Tensor], cfg: dict[str, int], *,
+             norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0) -> None:
     """Launch ``rope_fwd_kernel``: x ``[B, S, Hx, D]`` (and k ``[B, S, Hk, D]``) into contiguous
-    ``out_x`` (``out_k``) with cos/sin ``[B|1, S, D]``. No validation."""
+    ``out_x`` (``out_k``) with cos/sin ``[B|1, S, D]``; with ``norm_weight`` ``[D]`` (k must be None) x's head
+    rows are RMS-normalised (``eps``) and scaled first. No validation."""
+    if norm_weight is not None and k is not None:
+        raise ValueError("rope_fwd: norm_weight applies to x alone (k must be None)")
     B, S, HX, D = x.shape
     x, cos, sin = _last_dim_unit("x", x), _last_dim_unit("cos", cos), _last_dim_unit("sin", sin)
     heads = cfg["HEADS"]
@@ -186,11 +206,11 @@ def rope_fwd(x: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin:
     grid = (triton.cdiv(S, cfg["BLOCK_S"]), B, gx + gk)
     with device_of(x):
         rope_fwd_kernel[grid](
-            x, k, cos, sin, out_x, out_k,
-            S, HX, HK, gx, D // 2,
+            x, k, cos, sin, out_x, out_k, norm_weight,
+            S, HX, HK, gx, D // 2, float(eps), float(D),
             x.stride(0), x.stride(1), x.stride(2), sk[0], sk[1], sk[2], scb, scs, ssb, sss,
             HAS_K=k is not None, HEADS=heads, BLOCK_S=cfg["BLOCK_S"], BLOCK_H=next_power_of_2(D // 2),
-            num_warps=cfg["num_warps"])
+            NORM=norm_weight is not None, num_warps=cfg["num_warps"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,5 +342,51 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return out_q, out_k
 
 
-__all__ = ["rope", "rope_qk", "rope_fwd", "rope_fwd_kernel", "rope_configs", "default_config", "pick_config",
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                  eps: float = 1e-6) -> torch.Tensor:
+    """Per-head RMSNorm then RoPE in one pass: ``rope(rms_norm(x, weight, eps), cos, sin)``.
+
+    Gemma 4's query and key paths (``q_norm`` / ``k_norm``, HF ``Gemma4RMSNorm`` with scale, then
+    ``apply_rotary_pos_emb``): each ``[D]`` head row is normalised in fp32 (``x * (mean(x**2) + eps) ** -0.5 *
+    weight``), rounded to x's dtype as the norm module returns it, then rotated in fp32 and rounded once, so one
+    read of x and one write replace the norm's write and the rotation's read.
+
+    Args:
+        x: ``[B, S, H, D]`` float16 / bfloat16 / float32 (layout rules of ``rope``'s x: last-dim stride 1, free
+            B / S / H strides, e.g. the view of a projection output).
+        weight: ``[D]`` norm scale (no ``1 + w`` offset), any float dtype, x's device.
+        cos: ``[B, S, D]`` or ``[1, S, D]``, x's dtype and device.
+        sin: same as cos.
+        eps: added to the mean square.
+
+    Returns:
+        ``[B, S, H, D]`` contiguous, x's dtype.
+
+    Raises:
+        TypeError / ValueError naming the argument for an unsupported dtype, shape or device mix;
+        RuntimeError when x's device cannot launch Triton kernels.
+
+    When autograd needs gradients this runs ``rms_norm_rope_naive`` (logged once). The mean square sums the two
+    halves of the row separately (the RMSNorm kernel sums the row at once): equal up to fp32 rounding.
+    """
+    _validate("x", x, cos, sin)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [{x.shape[-1]}] to match x's head dim, got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if needs_grad(x, weight, cos, sin):
+        log_once("grad-rms_norm_rope", "rms_norm_rope: gradients requested; using the autograd-capable naive op")
+        return rms_norm_rope_naive(x, weight, cos, sin, eps=eps)
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _check_launchable("x", x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rope_fwd(x, None, cos, sin, out, None, pick_config(x.shape[-1], x.shape[0] * x.shape[1]),
+             norm_weight=weight.contiguous(), eps=eps)
+    return out
+
+
+__all__ = ["rope", "rope_qk", "rms_norm_rope", "rope_fwd", "rope_fwd_kernel", "rope_configs", "default_config", "pick_config",
            "token_bucket", "unsupported_reason", "CONFIG_ENV", "MAX_HEAD_DIM"]
