@@ -182,4 +182,8 @@ def test_gpu_real_tables_vs_hf(dtype, layer_type, heads):
     _check(rms_norm_rope(x, w, cos, sin, eps=EPS), x, w, cos, sin)
     _check(_poisoned(x, w, cos, sin, rp.pick_config(D, B * S)), x, w, cos, sin)
     unfused = rp.rope(ops.rms_norm(x, w, EPS, backend="triton"), cos, sin)
-    assert (rms_norm_rope(x, w, cos, sin, eps=EPS) != unfused).float().mean().item() <= 1e-3
+    fused = rms_norm_rope(x, w, cos, sin, eps=EPS)
+    if dtype == torch.float32:  # the mean square's two half sums round differently from the norm kernel's one sum
+        assert _rel(fused, unfused) <= 1e-6
+    else:  # the norm output's rounding to x's dtype hides that difference almost everywhere
+        assert (fused != unfused).float().mean().item() <= 1e-3
