@@ -19,6 +19,10 @@ The in-place path is taken only when all of these hold, else HF's forward runs u
   ``hook_out`` a ``run_with_cache`` caches: those raw logits must not change afterwards), and no global module
   hooks.
 
+A call whose masks are all None by construction (no attention mask, positions or cache; see
+``gemma4_fast.masks``) passes HF's text model the ready mask mapping, which skips HF's two mask builders and their
+device-to-host syncs.
+
 When the returned logits require grad (autograd recording through the LM head), the softcap is HF's three
 out-of-place ops on them instead (same numbers and gradients as HF's forward).
 
@@ -45,6 +49,7 @@ from torch import nn
 
 from . import ops
 from .hooks import global_module_hooks, user_hooks
+from .masks import known_mask_mapping
 
 _MISSING = object()
 #: id(text config) -> its real cap while a fast call on that config runs (the config then reads None or the cap).
@@ -153,6 +158,9 @@ class FastLogitsMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hf_forward = super().forward
         config = self.config.get_text_config()
+        masks = known_mask_mapping(self, args, kwargs)
+        if masks is not None:
+            kwargs = {**kwargs, "attention_mask": masks}
         with _lock(config):
             cap = _TRUE_CAP.get(id(config), config.final_logit_softcapping)
             why = self._g4f_in_place_blocker(hf_forward, cap, args, kwargs)
