@@ -21,7 +21,8 @@ The in-place path is taken only when all of these hold, else HF's forward runs u
 
 A call whose masks are all None by construction (no attention mask, positions or cache; see
 ``gemma4_fast.masks``) passes HF's text model the ready mask mapping, which skips HF's two mask builders and their
-device-to-host syncs.
+device-to-host syncs, and passes HF's default positions as one kept tensor whose rotary tables the patched rotary
+module keeps (``gemma4_fast.rotary``).
 
 When the returned logits require grad (autograd recording through the LM head), the softcap is HF's three
 out-of-place ops on them instead (same numbers and gradients as HF's forward).
@@ -50,6 +51,7 @@ from torch import nn
 from . import ops
 from .hooks import global_module_hooks, user_hooks
 from .masks import known_mask_mapping
+from .rotary import default_positions, positions_for
 
 _MISSING = object()
 #: id(text config) -> its real cap while a fast call on that config runs (the config then reads None or the cap).
@@ -159,8 +161,28 @@ class FastLogitsMixin:
         hf_forward = super().forward
         config = self.config.get_text_config()
         masks = known_mask_mapping(self, args, kwargs)
+        positions = None
         if masks is not None:
             kwargs = {**kwargs, "attention_mask": masks}
+            positions = self._g4f_default_positions(args, kwargs)
+            if positions is not None:
+                kwargs["position_ids"] = positions
+        with default_positions(positions):
+            return self._g4f_forward(hf_forward, config, args, kwargs)
+
+    def _g4f_default_positions(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """HF's default position ids for this call (``gemma4_fast.rotary.positions_for``) when the token ids sit on
+        the input embedding's device (where HF would create them), else None."""
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        weight = getattr(self.get_input_embeddings(), "weight", None)
+        if not isinstance(ids, torch.Tensor) or ids.dim() < 2 or not isinstance(weight, torch.Tensor) \
+                or weight.device != ids.device:
+            return None
+        return positions_for(self, int(ids.shape[1]), ids.device)
+
+    def _g4f_forward(self, hf_forward: Any, config: Any, args: tuple, kwargs: dict) -> Any:
         with _lock(config):
             cap = _TRUE_CAP.get(id(config), config.final_logit_softcapping)
             why = self._g4f_in_place_blocker(hf_forward, cap, args, kwargs)

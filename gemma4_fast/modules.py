@@ -14,6 +14,8 @@ wrapper around the module (TransformerBridge's ``original_component``) are untou
 - With transformers' ``gemma4_unified`` family (the encoder-free 12B): ``FastGemma4UnifiedRMSNorm``,
   ``FastGemma4UnifiedTextAttention`` and, when that family defines it, ``FastGemma4UnifiedTextMLP``
   (same code; that family has no MoE).
+- ``FastGemma4TextRotaryEmbedding(Gemma4TextRotaryEmbedding)``: ``gemma4_fast.rotary`` (the tables of HF's default
+  positions kept between calls; kind ``"rotary"``).
 - Top-level language models, kind ``"logits"`` (``gemma4_fast.logits``: the final logit softcap in place):
   ``FastGemma4ForCausalLM``, ``FastGemma4ForConditionalGeneration`` and, with ``gemma4_unified``,
   ``FastGemma4UnifiedForCausalLM`` / ``FastGemma4UnifiedForConditionalGeneration``. These keep their HF
@@ -29,7 +31,8 @@ from functools import lru_cache
 
 from transformers.models.gemma4.modeling_gemma4 import (Gemma4ForCausalLM, Gemma4ForConditionalGeneration,
                                                         Gemma4RMSNorm, Gemma4TextAttention, Gemma4TextDecoderLayer,
-                                                        Gemma4TextExperts, Gemma4TextMLP, Gemma4TextRouter)
+                                                        Gemma4TextExperts, Gemma4TextMLP, Gemma4TextRotaryEmbedding,
+                                                        Gemma4TextRouter)
 
 from .attention import FastAttentionMixin
 from .layer import FastDecoderLayerMixin
@@ -37,8 +40,9 @@ from .logits import FastLogitsMixin
 from .mlp import FastMLPMixin
 from .moe import FastExpertsMixin, FastRouterMixin
 from .norm import FastRMSNormMixin
+from .rotary import FastRotaryMixin
 
-KINDS = ("attention", "rms_norm", "router", "experts", "mlp", "residual", "logits")
+KINDS = ("attention", "rms_norm", "router", "experts", "mlp", "residual", "rotary", "logits")
 
 
 def _hf_named(fast: type, hf: type) -> type:
@@ -69,6 +73,10 @@ class FastGemma4TextMLP(FastMLPMixin, Gemma4TextMLP):
 
 class FastGemma4TextDecoderLayer(FastDecoderLayerMixin, Gemma4TextDecoderLayer):
     """``Gemma4TextDecoderLayer`` with the residual adds fused into its norms (``gemma4_fast.layer``)."""
+
+
+class FastGemma4TextRotaryEmbedding(FastRotaryMixin, Gemma4TextRotaryEmbedding):
+    """``Gemma4TextRotaryEmbedding`` keeping the tables of the default positions (``gemma4_fast.rotary``)."""
 
 
 class FastGemma4ForCausalLM(FastLogitsMixin, Gemma4ForCausalLM):
@@ -137,6 +145,7 @@ def fast_class_map() -> dict:
         Gemma4TextExperts: (FastGemma4TextExperts, "experts"),
         Gemma4TextMLP: (FastGemma4TextMLP, "mlp"),
         Gemma4TextDecoderLayer: (FastGemma4TextDecoderLayer, "residual"),
+        Gemma4TextRotaryEmbedding: (FastGemma4TextRotaryEmbedding, "rotary"),
         Gemma4ForCausalLM: (FastGemma4ForCausalLM, "logits"),
         Gemma4ForConditionalGeneration: (FastGemma4ForConditionalGeneration, "logits"),
     }

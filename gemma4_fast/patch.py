@@ -226,7 +226,7 @@ def _module_unsupported(kind: str, module: nn.Module) -> Optional[str]:
 
 
 def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = True, moe: bool = True,
-                rms_norm: bool = True, mlp: bool = True, logits: bool = True) -> PatchReport:
+                rms_norm: bool = True, mlp: bool = True, rotary: bool = True, logits: bool = True) -> PatchReport:
     """Swap the text path's Gemma 4 modules for the fast ones, in place; returns a ``PatchReport``.
 
     Args:
@@ -243,6 +243,9 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
             them; ``gemma4_fast.layer``).
         mlp: patch the dense ``Gemma4TextMLP`` (fused ``gelu_tanh(gate) * up``; the three linears stay
             HF modules). An MLP whose ``act_fn`` is not the tanh GELU stays on HF, with the reason.
+        rotary: patch ``Gemma4TextRotaryEmbedding``: the ``(cos, sin)`` tables of HF's default positions (calls
+            the patched top-level forward marks: no positions, mask or cache given) are kept between calls
+            (``gemma4_fast.rotary``); every other call computes them as HF does.
         logits: patch the top-level ``Gemma4ForCausalLM`` / ``Gemma4ForConditionalGeneration`` (and the
             unified twins): the final logit softcap ``cap * tanh(logits / cap)`` runs once, in place on the
             returned logits (``gemma4_fast.logits``), whenever no labels are given, the call returns a
@@ -257,7 +260,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     register()
     GENERATION += 1
     enabled = {"attention": attention, "rms_norm": rms_norm, "router": moe, "experts": moe, "mlp": mlp,
-               "residual": rms_norm, "logits": logits}
+               "residual": rms_norm, "rotary": rotary, "logits": logits}
     table = fast_class_map()
     fast_set = set(fast_classes())
     hf_for_fast = {fast: hf for hf, (fast, _) in table.items()}
@@ -354,6 +357,8 @@ def unpatch_model(model: nn.Module) -> int:
             restored += 1
         module.__dict__.pop(_BACKEND, None)
         module.__dict__.pop("_g4f_hooks", None)
+        module.__dict__.pop("_g4f_rotary_tables", None)
+        module.__dict__.pop("_g4f_positions_kept", None)
         if _ATTN in module.__dict__:
             old = module.__dict__.pop(_ATTN)
             config = getattr(module, "config", None)
