@@ -18,8 +18,9 @@ Scope and rules:
   the layer, an unsupported argument) leaves that layer and signature eager, logged once.
 - Outputs are cloned, so a hook or a cache that keeps a layer output never sees it overwritten by a later replay.
 - Input copies are skipped where the captured buffer already holds the argument: a layer captured with another
-  layer's returned output as its input reads that layer's captured output buffer, and layers captured with the
-  same tensor argument (the rotary tables, position ids) share one buffer. Each copy records which tensor (object
+  layer's returned output as its input reads that layer's captured output buffer, layers captured with the
+  same tensor argument (the rotary tables, position ids) share one buffer, and layers taking views of one base
+  (each layer's slice of the per-layer inputs) read views of one captured copy of that base. Each copy records which tensor (object
   and version counter) the buffer now holds; a later copy of that same, unmodified tensor is skipped, anything
   else (another tensor, an in-place edit by a hook) is copied.
 - A graph is dropped (and the layer re-captured after a new warm-up) when a parameter it reads was replaced or moved
@@ -85,6 +86,16 @@ def _signature(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return (type(value).__name__,) + tuple(_signature(v) for v in value)
     raise TypeError(type(value).__name__)
+
+
+#: A view argument shares a captured copy of its base when the base is at most this many times larger (e.g. each
+#: layer's slice of the per-layer inputs ``[B, S, layers, D]``): one base copy a forward instead of one per layer.
+_MAX_BASE_RATIO = 64
+
+
+def _view_geometry(t: torch.Tensor) -> tuple:
+    """Shape, strides and storage offset relative to its base of the view ``t``."""
+    return tuple(t.shape), t.stride(), t.storage_offset() - t._base.storage_offset()
 
 
 def _clone(value: Any) -> Any:
@@ -170,6 +181,8 @@ class PrefillGraphs:
         self._holds: dict[int, tuple[Any, int]] = {}
         #: id(argument tensor) -> (weakref to it, the captured buffer holding its value): capture-time sharing.
         self._buffer_of: dict[int, tuple[Any, torch.Tensor]] = {}
+        #: id(captured input buffer that views a captured base) -> (the base buffer, the view's geometry).
+        self._views: dict[int, tuple[torch.Tensor, tuple]] = {}
         self.copies_skipped = 0
 
     def clear(self) -> None:
@@ -177,6 +190,7 @@ class PrefillGraphs:
         self.entries.clear()
         self._holds.clear()
         self._buffer_of.clear()
+        self._views.clear()
 
     def _note(self, buf: torch.Tensor, src: torch.Tensor) -> None:
         """Record that ``buf`` holds the value of ``src`` (as it is now) and can stand in for it."""
@@ -188,10 +202,21 @@ class PrefillGraphs:
             self._holds = {k: v for k, v in self._holds.items() if v[0]() is not None}
 
     def _copy_into(self, dst: Any, src: Any) -> None:
-        """Copy each argument tensor into its captured buffer unless the buffer already holds it."""
+        """Copy each argument tensor into its captured buffer unless the buffer already holds it. A buffer that is
+        a view of a captured base (``_buffers``) takes the argument's base instead when the argument is the same
+        view of a base of the same layout (one copy of the base serves every layer's view of it)."""
         for d, s in zip(_flat(dst), _flat(src)):
             if d is s:
                 continue
+            view = self._views.get(id(d))
+            if view is not None:
+                base_buf, geometry = view
+                base = s._base
+                if base is not None and _view_geometry(s) == geometry and base.shape == base_buf.shape \
+                        and base.stride() == base_buf.stride() and base.dtype == base_buf.dtype:
+                    self._copy_into(base_buf, base)
+                    continue
+                self._holds.pop(id(base_buf), None)  # the copy below changes part of the base buffer
             held = self._holds.get(id(d))
             if held is not None and held[0]() is s and held[1] == s._version:
                 self.copies_skipped += 1
@@ -203,6 +228,13 @@ class PrefillGraphs:
         """Captured input buffers for ``value``: a buffer that already holds a tensor argument (another layer's
         output, an argument several layers take) is shared, anything else is cloned."""
         if isinstance(value, torch.Tensor):
+            base = value._base
+            if base is not None and base.is_contiguous() and base.numel() <= _MAX_BASE_RATIO * value.numel():
+                base_buf = self._buffers(base)
+                geometry = _view_geometry(value)
+                buf = base_buf.as_strided(value.shape, value.stride(), base_buf.storage_offset() + geometry[2])
+                self._views[id(buf)] = (base_buf, geometry)
+                return buf
             known = self._buffer_of.get(id(value))
             if known is not None and known[0]() is value and self._holds.get(id(known[1]), (None, -1))[1] == \
                     value._version and known[1].shape == value.shape and known[1].stride() == value.stride() \

@@ -204,6 +204,47 @@ def test_input_copies_are_skipped_only_where_the_buffer_holds_the_argument(emula
         assert graphs.copies_skipped == skipped + 3  # x2 (layer 0 holds it), y0 and scale (layer 1)
 
 
+def test_views_of_one_base_share_one_captured_copy(emulated):
+    """Each layer takes a slice of one ``[B, S, layers, D]`` tensor (like the per-layer inputs): one copy of the
+    base per forward serves every layer; an edited base, a plain tensor in a view's place and a view of another
+    layout are still copied."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(6, 6) for _ in range(3)]
+    graphs = PrefillGraphs()
+
+    def run(i, x, pli):
+        return graphs(layers[i], lambda h, pli: layers[i](h) + pli, (x,), {"pli": pli})
+
+    def forward(x, base, fn, edit=None):
+        h = x
+        for i in range(3):
+            if edit is not None and i == edit:
+                base.mul_(2.0)
+            h = fn(i, h, base[:, :, i])
+        return h
+
+    def eager(i, x, pli):
+        return layers[i](x) + pli
+
+    with torch.no_grad():
+        for _ in range(3):
+            x, base = torch.randn(2, 5, 6), torch.randn(2, 5, 3, 6)
+            torch.testing.assert_close(forward(x, base, run), forward(x, base.clone(), eager))
+        skipped = graphs.copies_skipped
+        x, base = torch.randn(2, 5, 6), torch.randn(2, 5, 3, 6)
+        torch.testing.assert_close(forward(x, base, run), forward(x, base.clone(), eager))
+        assert graphs.copies_skipped == skipped + 4  # the base for layers 1 and 2, the chained hidden states
+        x, base = torch.randn(2, 5, 6), torch.randn(2, 5, 3, 6)
+        want = forward(x, base.clone(), eager, edit=1)
+        torch.testing.assert_close(forward(x, base, run, edit=1), want)
+        plain = torch.randn(2, 5, 6)
+        torch.testing.assert_close(run(1, x, plain), eager(1, x, plain))
+        torch.testing.assert_close(run(2, x, base[:, :, 2]), eager(2, x, base[:, :, 2]))
+        other = torch.randn(2, 5, 4, 6)
+        torch.testing.assert_close(run(2, x, other[:, :, 3]), eager(2, x, other[:, :, 3]))
+        torch.testing.assert_close(run(2, x, base[:, :, 2]), eager(2, x, base[:, :, 2]))
+
+
 def test_bridge_forward_skips_chained_copies_and_respects_an_in_place_hook(emulated):
     """Through a TransformerBridge: after capture, every block after the first reads the previous block's
     captured output; a hook that edits the residual stream in place between blocks is still seen."""
