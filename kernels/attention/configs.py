@@ -65,7 +65,9 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
     ``BLOCK_M`` query rows and ``BLOCK_N`` keys per step; ``BLOCK_DV`` (when set, < padded head dim)
     splits the output columns over programs that each recompute ``q @ k^T``; ``TMA: 1`` (Hopper lists
     only) moves Q/K/V/O through the copy engine (tensor descriptors; the launcher falls back to pointer
-    loads for tensors the engine cannot address); ``FOLD: 0`` turns off the scale-into-exponent fold. The register
+    loads for tensors the engine cannot address); ``FOLD: 0`` turns off the scale-into-exponent fold;
+    ``HEADS_INNER: 0`` launches one head's query blocks after another instead of every head's heaviest query
+    block first (the default, ``attention_fwd_kernel``). The register
     accumulator is ``BLOCK_M x BLOCK_DV`` fp32 over ``32 * num_warps`` threads: head_dim 512 with
     ``BLOCK_M = 128`` needs ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and
     the Q tile (``BLOCK_M x 512``, 128 KB) stays in shared memory beside the K/V stages, which is why

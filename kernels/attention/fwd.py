@@ -160,14 +160,16 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_KPM: tl.constexpr, KV_SAME: tl.constexpr, WRITE_O: tl.constexpr,
                          WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
-                         USE_TMA: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False):
+                         USE_TMA: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
+                         HEADS_INNER: tl.constexpr = True):
     """One program: BLOCK_M queries of one (batch, query head), output columns of one BLOCK_DV chunk.
 
-    Grid ``(B * Hq * (BLOCK_D // BLOCK_DV), cdiv(Sq, BLOCK_M))``; the D chunks of a query block are
-    adjacent programs (they share Q and K through L2) and each recomputes ``q @ k^T`` (so a split
-    costs 1.5x the dot products at D chunks of half; it buys a smaller accumulator for head_dim 512).
-    Query blocks run heaviest first across all heads (the block index is the slow grid axis), so a causal
-    launch ends on short blocks of every head rather than on the long blocks of the last heads. ``O`` is written through its strides (D unit-stride); ``LSE``
+    Grid ``(B * Hq * (BLOCK_D // BLOCK_DV), cdiv(Sq, BLOCK_M))`` with ``HEADS_INNER`` (query blocks heaviest
+    first across all heads: a causal launch ends on short blocks of every head rather than on the long blocks
+    of the last heads), else ``(cdiv(Sq, BLOCK_M) * (BLOCK_D // BLOCK_DV), B * Hq)`` (one head's query blocks,
+    heaviest first, then the next head's). The D chunks of a query block are adjacent programs (they share Q
+    and K through L2) and each recomputes ``q @ k^T`` (so a split costs 1.5x the dot products at D chunks of
+    half; it buys a smaller accumulator for head_dim 512). ``O`` is written through its strides (D unit-stride); ``LSE``
     (written by the first chunk) is a ``[B, Hq, Sq]``-contiguous fp32 buffer (natural log); ``KPM``
     a ``[B, Sk]`` uint8 mask. ``USE_TMA``: ``Q, K, V, O`` are 4-D tensor descriptors over the
     ``[B, H, S, D]`` tensors (blocks ``[1, 1, BLOCK_M, BLOCK_D]``, ``[1, 1, BLOCK_N, BLOCK_D]``,
@@ -177,9 +179,13 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
     """
     N_DV: tl.constexpr = BLOCK_D // BLOCK_DV
     pid0 = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     pid_dv = pid0 % N_DV
-    pid_bh = pid0 // N_DV
+    if HEADS_INNER:
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+        pid_bh = pid0 // N_DV
+    else:
+        pid_m = tl.num_programs(0) // N_DV - 1 - pid0 // N_DV
+        pid_bh = tl.program_id(1)
     off_b = pid_bh // H_Q
     off_h = pid_bh % H_Q
     off_hk = off_h // GROUPS
@@ -409,11 +415,11 @@ def attention_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal
     bdv = min(config.get("BLOCK_DV", bd), bd) if write_o and o is not None else bd
     kv_same = bdv == bd and _same_tensor(k, v)
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    # (batch, head, column chunk) fastest and query blocks last-first: every head's longest causal blocks start in
-    # the first waves, so no long block is left for the tail (the grid's second axis allows 65535 query blocks)
-    grid = (B * Hq * (bd // bdv), triton.cdiv(Sq, bm))
-    if grid[1] > 65535:
-        raise ValueError(f"attention: {grid[1]} query blocks of {bm} rows exceed the launch grid (Sq = {Sq})")
+    heads_inner = bool(config.get("HEADS_INNER", 1)) and triton.cdiv(Sq, bm) <= 65535
+    if heads_inner:  # (batch, head, column chunk) fastest, query blocks heaviest first on the slow axis
+        grid = (B * Hq * (bd // bdv), triton.cdiv(Sq, bm))
+    else:
+        grid = (triton.cdiv(Sq, bm) * (bd // bdv), B * Hq)
     descs = None
     if config.get("TMA", 0):
         descs = tma_descriptors((q, [bm, bd]), (k, [bn, bd]), (v, [bn, bdv]), (o_t, [bm, bdv]))
@@ -427,7 +433,7 @@ def attention_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal
         HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, KV_SAME=kv_same,
         WRITE_O=write_o and o is not None, WRITE_LSE=lse is not None, DOT_PRECISION=dot_precision(q.dtype),
         WHILE_LOOP=interpret_mode(), USE_TMA=descs is not None,
-        FOLD_SCALE=softcap is None and qk_scale > 0 and bool(config.get("FOLD", 1)),
+        FOLD_SCALE=softcap is None and qk_scale > 0 and bool(config.get("FOLD", 1)), HEADS_INNER=heads_inner,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
