@@ -127,6 +127,33 @@ def test_attention_cpu_dv_split(cpu_kernels, monkeypatch, tma):
         check_lse(lse, rlse, 1e-4)
 
 
+@pytest.mark.parametrize("order", [0, 1])
+def test_attention_cpu_launch_orders(cpu_kernels, monkeypatch, order):
+    """Both launch orders (``HEADS_INNER``: every head's heaviest query block first, or one head after another)
+    write every output, with and without the column split; the public op's default follows
+    ``heads_inner_default``."""
+    from gemma4_fast.kernels.attention import configs, fwd
+
+    for dv in ("", ', "BLOCK_DV": 32'):
+        monkeypatch.setenv("GEMMA4_FAST_ATTN_CONFIG", '{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, '
+                           '"num_stages": 1, "HEADS_INNER": %d%s}' % (order, dv))
+        q, k, v, kpm = make_inputs(2, 6, 2, 37, 37, 64, pad=[0, 5])
+        for kw in (dict(window=None, causal=True), dict(window=9, causal=True), dict(window=None, causal=False)):
+            o, lse = A.attention(q, k, v, return_lse=True, key_padding_mask=kpm, **kw)
+            ro, rlse = ref64(q, k, v, key_padding_mask=kpm, **kw)
+            assert rel(o, ro) <= 1e-4
+            check_lse(lse, rlse, 1e-4)
+    seen = []
+    real = fwd.attention_fwd
+    monkeypatch.setattr(fwd, "attention_fwd", lambda *a, **kw: seen.append(kw["config"]["HEADS_INNER"]) or real(*a, **kw))
+    monkeypatch.setenv("GEMMA4_FAST_ATTN_CONFIG", '{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}')
+    A.attention(q, k, v, window=None, causal=True)
+    A.attention(q, k, v, window=9, causal=True)
+    assert seen == [1, 0]
+    assert configs.heads_inner_default(256, None, True, 4096) and not configs.heads_inner_default(512, None, True, 4096)
+    assert not configs.heads_inner_default(256, None, True, 16384) and not configs.heads_inner_default(256, 512, True, 64)
+
+
 TMA_CASES = [c for c in CPU_CASES if c[3] > 16]
 
 

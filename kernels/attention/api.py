@@ -206,6 +206,7 @@ def _launch(q, k, v, o, lse, kpm, scale, window, softcap, causal, write_o: bool 
                                 kv_lens=kv_lens)
         else:
             cfg = _configs.select_config("fwd", D, q.dtype, mode, Sk, q.device)
+            cfg.setdefault("HEADS_INNER", int(_configs.heads_inner_default(D, window, causal, Sq)))
             attention_fwd(q, k, v, o if write_o else None, lse, kpm, scale=scale, window=window,
                           softcap=softcap, causal=causal, config=cfg, write_o=write_o)
 

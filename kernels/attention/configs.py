@@ -58,6 +58,17 @@ def block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
+def heads_inner_default(head_dim: int, window: Optional[int], causal: bool, sq: int) -> bool:
+    """Launch order of a prefill when its config does not set ``HEADS_INNER``: every head's heaviest query block
+    first (True) for causal launches without a window at head_dim <= 256 and up to 8192 queries, else one head's
+    query blocks after another. Measured on the H100 (``bench/ab_attention_order.py``, both orders as graph
+    replays in one process): head_dim 256 causal 16q/8kv 1.17x at 4k and 0.99x at 16k; head_dim 512 (column
+    split) 0.94-0.99x at 4k-16k with 16q/2kv; a 512-key window 0.97x. Short causal launches at head_dim 256
+    otherwise end on the long blocks of the last heads (about 1.3x the ideal time at 4k in a list-scheduling
+    model); head_dim 512 keeps a head's K/V in L2 across its query blocks."""
+    return causal and window is None and head_dim <= 256 and sq <= 8192
+
+
 def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 90) -> list[dict[str, int]]:
     """Candidate prefill configs for ``head_dim``, element size (2: bf16/fp16, 4: fp32) and compute
     capability (90: H100, 228 KB shared; anything else: the A100's 164 KB), best guess first.
@@ -66,8 +77,9 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
     splits the output columns over programs that each recompute ``q @ k^T``; ``TMA: 1`` (Hopper lists
     only) moves Q/K/V/O through the copy engine (tensor descriptors; the launcher falls back to pointer
     loads for tensors the engine cannot address); ``FOLD: 0`` turns off the scale-into-exponent fold;
-    ``HEADS_INNER: 0`` launches one head's query blocks after another instead of every head's heaviest query
-    block first (the default, ``attention_fwd_kernel``). The register
+    ``HEADS_INNER`` (0 / 1) fixes the launch order (``attention_fwd_kernel``; the public op sets it from
+    ``heads_inner_default`` when the config does not).
+    The register
     accumulator is ``BLOCK_M x BLOCK_DV`` fp32 over ``32 * num_warps`` threads: head_dim 512 with
     ``BLOCK_M = 128`` needs ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and
     the Q tile (``BLOCK_M x 512``, 128 KB) stays in shared memory beside the K/V stages, which is why

@@ -415,7 +415,7 @@ def attention_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal
     bdv = min(config.get("BLOCK_DV", bd), bd) if write_o and o is not None else bd
     kv_same = bdv == bd and _same_tensor(k, v)
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    heads_inner = bool(config.get("HEADS_INNER", 1)) and triton.cdiv(Sq, bm) <= 65535
+    heads_inner = bool(config.get("HEADS_INNER", 0)) and triton.cdiv(Sq, bm) <= 65535
     if heads_inner:  # (batch, head, column chunk) fastest, query blocks heaviest first on the slow axis
         grid = (B * Hq * (bd // bdv), triton.cdiv(Sq, bm))
     else:
