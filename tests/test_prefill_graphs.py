@@ -9,7 +9,7 @@ import torch
 
 from gemma4_fast import (boot_transformers, disable_fast_kernels, disable_prefill_graphs, enable_prefill_graphs,
                          patch_model)
-from gemma4_fast.graphs import PrefillGraphs
+from gemma4_fast.graphs import PrefillGraphs, prefill_graphs
 from gemma4_fast.models import build_model, offline_tokenizer
 
 
@@ -48,6 +48,19 @@ def test_patched_model_replays_every_layer_and_matches_eager(name, keep, emulate
             assert graphs.replays == max(0, call) * n_layers
     disable_prefill_graphs(model)
     assert not any("forward" in layer.__dict__ for layer in model.model.layers)
+
+
+def _graphed_bridge(name):
+    """``(bridge, ref, graphs)``: a TransformerBridge booted with fast kernels and prefill graphs, a same-seed fast
+    bridge without graphs, and the bridge's ``PrefillGraphs``."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    tok = offline_tokenizer()
+    bridge = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu",
+                                                 fast_kernels=True, fast_backend="torch", prefill_graphs=True)
+    ref = boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
+                            fast_backend="torch")
+    return bridge, ref, prefill_graphs(bridge)
 
 
 def test_a_replaced_weight_drops_the_graph(emulated):
@@ -129,17 +142,7 @@ def test_calls_that_may_need_gradients_stay_eager(emulated):
 
 
 def test_bridge_quiet_blocks_replay(emulated):
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from gemma4_fast.graphs import prefill_graphs
-
-    tok = offline_tokenizer()
-    name = "tiny-ple-kv-shared"
-    bridge = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu",
-                                                 fast_kernels=True, fast_backend="torch", prefill_graphs=True)
-    ref = boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
-                            fast_backend="torch")
-    graphs = prefill_graphs(bridge)
+    bridge, ref, graphs = _graphed_bridge("tiny-ple-kv-shared")
     assert graphs is not None
 
     def resid(n):
@@ -248,17 +251,7 @@ def test_views_of_one_base_share_one_captured_copy(emulated):
 def test_bridge_forward_skips_chained_copies_and_respects_an_in_place_hook(emulated):
     """Through a TransformerBridge: after capture, every block after the first reads the previous block's
     captured output; a hook that edits the residual stream in place between blocks is still seen."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from gemma4_fast.graphs import prefill_graphs
-
-    tok = offline_tokenizer()
-    name = "tiny-moe"
-    bridge = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu",
-                                                 fast_kernels=True, fast_backend="torch", prefill_graphs=True)
-    ref = boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
-                            fast_backend="torch")
-    graphs = prefill_graphs(bridge)
+    bridge, ref, graphs = _graphed_bridge("tiny-moe")
     n = len(bridge.blocks)
 
     def double(t, hook):
