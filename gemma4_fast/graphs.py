@@ -20,9 +20,9 @@ Scope and rules:
 - Input copies are skipped where the captured buffer already holds the argument: a layer captured with another
   layer's returned output as its input reads that layer's captured output buffer, layers captured with the
   same tensor argument (the rotary tables, position ids) share one buffer, and layers taking views of one base
-  (each layer's slice of the per-layer inputs) read views of one captured copy of that base. Each copy records which tensor (object
-  and version counter) the buffer now holds; a later copy of that same, unmodified tensor is skipped, anything
-  else (another tensor, an in-place edit by a hook) is copied.
+  (each layer's slice of the per-layer inputs) read views of one captured copy of that base. Each copy records
+  which tensor (object and version counter) the buffer now holds; a later copy of that same, unmodified tensor is
+  skipped, anything else (another tensor, an in-place edit by a hook) is copied.
 - A graph is dropped (and the layer re-captured after a new warm-up) when a parameter it reads was replaced or moved
   to other storage, and every graph after any ``patch_model`` / ``unpatch_model`` call; replacing a submodule of an HF layer after enabling needs ``disable``/``enable`` again (bridge
   blocks rebuild their twin themselves).
@@ -51,6 +51,8 @@ from . import patch
 logger = logging.getLogger("gemma4_fast")
 
 ATTR = "_g4f_prefill_graphs"
+_HOLDS = "_g4f_holds"  # on a captured buffer: (weakref to the tensor whose value it holds, that tensor's version)
+_VIEW = "_g4f_view"  # on a captured buffer that views a captured base: (the base buffer, the view's geometry)
 _STATIC = "_g4f_graph_signature"
 _SHARED = "shared_kv_states"
 _CACHE = "past_key_values"
@@ -177,29 +179,30 @@ class PrefillGraphs:
         self._forward: Optional[Callable[[], Any]] = None
         self._forward_sig: Any = None
         self.generation = patch.GENERATION
-        #: id(captured input buffer) -> (weakref to the tensor it holds, that tensor's version when copied).
-        self._holds: dict[int, tuple[Any, int]] = {}
-        #: id(argument tensor) -> (weakref to it, the captured buffer holding its value): capture-time sharing.
-        self._buffer_of: dict[int, tuple[Any, torch.Tensor]] = {}
-        #: id(captured input buffer that views a captured base) -> (the base buffer, the view's geometry).
-        self._views: dict[int, tuple[torch.Tensor, tuple]] = {}
+        #: id(argument tensor) -> (weakref to it, weakref to the captured buffer holding its value): capture-time
+        #: sharing. What a buffer holds (``_HOLDS``) and which base it views (``_VIEW``) are attributes of the buffer.
+        self._buffer_of: dict[int, tuple[Any, Any]] = {}
         self.copies_skipped = 0
 
     def clear(self) -> None:
         self.pools.clear()
         self.entries.clear()
-        self._holds.clear()
         self._buffer_of.clear()
-        self._views.clear()
 
     def _note(self, buf: torch.Tensor, src: torch.Tensor) -> None:
         """Record that ``buf`` holds the value of ``src`` (as it is now) and can stand in for it."""
         ref = weakref.ref(src)
-        self._holds[id(buf)] = (ref, src._version)
-        self._buffer_of[id(src)] = (ref, buf)
-        if len(self._buffer_of) > 4096:  # records of past forwards' arguments (dead weakrefs)
-            self._buffer_of = {k: v for k, v in self._buffer_of.items() if v[0]() is not None}
-            self._holds = {k: v for k, v in self._holds.items() if v[0]() is not None}
+        setattr(buf, _HOLDS, (ref, src._version))
+        self._buffer_of[id(src)] = (ref, weakref.ref(buf))
+        if len(self._buffer_of) > 4096:  # records of past forwards' arguments and dropped buffers
+            self._buffer_of = {k: v for k, v in self._buffer_of.items()
+                               if v[0]() is not None and v[1]() is not None}
+
+    @staticmethod
+    def _holds(buf: torch.Tensor, src: torch.Tensor) -> bool:
+        """Whether ``buf`` holds the value of ``src`` as it is now (same object, version unchanged)."""
+        held = getattr(buf, _HOLDS, None)
+        return held is not None and held[0]() is src and held[1] == src._version
 
     def _copy_into(self, dst: Any, src: Any) -> None:
         """Copy each argument tensor into its captured buffer unless the buffer already holds it. A buffer that is
@@ -208,7 +211,7 @@ class PrefillGraphs:
         for d, s in zip(_flat(dst), _flat(src)):
             if d is s:
                 continue
-            view = self._views.get(id(d))
+            view = getattr(d, _VIEW, None)
             if view is not None:
                 base_buf, geometry = view
                 base = s._base
@@ -216,9 +219,10 @@ class PrefillGraphs:
                         and base.stride() == base_buf.stride() and base.dtype == base_buf.dtype:
                     self._copy_into(base_buf, base)
                     continue
-                self._holds.pop(id(base_buf), None)  # the copy below changes part of the base buffer
-            held = self._holds.get(id(d))
-            if held is not None and held[0]() is s and held[1] == s._version:
+                setattr(base_buf, _HOLDS, None)  # this copy changes part of the base buffer
+                d.copy_(s)  # a view buffer records nothing: a later copy of its base rewrites it
+                continue
+            if self._holds(d, s):
                 self.copies_skipped += 1
                 continue
             d.copy_(s)
@@ -233,13 +237,13 @@ class PrefillGraphs:
                 base_buf = self._buffers(base)
                 geometry = _view_geometry(value)
                 buf = base_buf.as_strided(value.shape, value.stride(), base_buf.storage_offset() + geometry[2])
-                self._views[id(buf)] = (base_buf, geometry)
+                setattr(buf, _VIEW, (base_buf, geometry))
                 return buf
             known = self._buffer_of.get(id(value))
-            if known is not None and known[0]() is value and self._holds.get(id(known[1]), (None, -1))[1] == \
-                    value._version and known[1].shape == value.shape and known[1].stride() == value.stride() \
-                    and known[1].dtype == value.dtype and known[1].device == value.device:
-                return known[1]
+            held = known[1]() if known is not None else None
+            if held is not None and self._holds(held, value) and held.shape == value.shape \
+                    and held.stride() == value.stride() and held.dtype == value.dtype and held.device == value.device:
+                return held
             buf = value.clone()
             self._note(buf, value)
             return buf
