@@ -275,13 +275,20 @@ def _check_routing(got, want, rtol):
                                rtol=rtol * 4, atol=rtol * 1e-2)
 
 
-@pytest.mark.parametrize("num_tokens", [0, 1, 3, 17])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_router_naive_is_hf(num_tokens, dtype):
+def _router_case(num_tokens, dtype):
+    """``(HF router, config, x, HF's routing of x)`` for 10 experts, width 37, top 3."""
     mod, cfg = _hf_router(10, 37, 3, dtype)
     x = torch.randn(num_tokens, 37, dtype=dtype) * 3
     with torch.no_grad():
         want = mod(x)
+    return mod, cfg, x, want
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 3, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_naive_is_hf(num_tokens, dtype):
+    mod, cfg, x, want = _router_case(num_tokens, dtype)
+    with torch.no_grad():
         naive = moe_router_naive(x, mod.proj.weight, mod.scale, mod.per_expert_scale, top_k=3,
                                  eps=cfg.rms_norm_eps)
     for n, w in zip(naive, want):
@@ -291,10 +298,8 @@ def test_router_naive_is_hf(num_tokens, dtype):
 @pytest.mark.parametrize("num_tokens", [0, 1, 3, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_router_matches_hf(num_tokens, dtype):
-    mod, cfg = _hf_router(10, 37, 3, dtype)
-    x = torch.randn(num_tokens, 37, dtype=dtype) * 3
+    mod, cfg, x, want = _router_case(num_tokens, dtype)
     with torch.no_grad():
-        want = mod(x)
         got = moe_router(x, mod.proj.weight, mod.scale, mod.per_expert_scale, top_k=3, eps=cfg.rms_norm_eps)
     _check_routing(got, want, 1e-5 if dtype == torch.float32 else 2e-3)
     with pytest.raises(ValueError, match="top_k"):

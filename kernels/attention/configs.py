@@ -78,10 +78,8 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
     only) moves Q/K/V/O through the copy engine (tensor descriptors; the launcher falls back to pointer
     loads for tensors the engine cannot address); ``FOLD: 0`` turns off the scale-into-exponent fold;
     ``HEADS_INNER`` (0 / 1) fixes the launch order (``attention_fwd_kernel``; the public op sets it from
-    ``heads_inner_default`` when the config does not).
-    The register
-    accumulator is ``BLOCK_M x BLOCK_DV`` fp32 over ``32 * num_warps`` threads: head_dim 512 with
-    ``BLOCK_M = 128`` needs ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and
+    ``heads_inner_default`` when the config does not). The register accumulator is ``BLOCK_M x BLOCK_DV``
+    fp32 over ``32 * num_warps`` threads: head_dim 512 with ``BLOCK_M = 128`` needs ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and
     the Q tile (``BLOCK_M x 512``, 128 KB) stays in shared memory beside the K/V stages, which is why
     those configs are H100-only.
     """

@@ -161,7 +161,7 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
                          HAS_KPM: tl.constexpr, KV_SAME: tl.constexpr, WRITE_O: tl.constexpr,
                          WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
                          USE_TMA: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
-                         HEADS_INNER: tl.constexpr = True):
+                         HEADS_INNER: tl.constexpr = False):
     """One program: BLOCK_M queries of one (batch, query head), output columns of one BLOCK_DV chunk.
 
     Grid ``(B * Hq * (BLOCK_D // BLOCK_DV), cdiv(Sq, BLOCK_M))`` with ``HEADS_INNER`` (query blocks heaviest
@@ -169,9 +169,9 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
     of the last heads), else ``(cdiv(Sq, BLOCK_M) * (BLOCK_D // BLOCK_DV), B * Hq)`` (one head's query blocks,
     heaviest first, then the next head's). The D chunks of a query block are adjacent programs (they share Q
     and K through L2) and each recomputes ``q @ k^T`` (so a split costs 1.5x the dot products at D chunks of
-    half; it buys a smaller accumulator for head_dim 512). ``O`` is written through its strides (D unit-stride); ``LSE``
-    (written by the first chunk) is a ``[B, Hq, Sq]``-contiguous fp32 buffer (natural log); ``KPM``
-    a ``[B, Sk]`` uint8 mask. ``USE_TMA``: ``Q, K, V, O`` are 4-D tensor descriptors over the
+    half; it buys a smaller accumulator for head_dim 512). ``O`` is written through its strides (D
+    unit-stride); ``LSE`` (written by the first chunk) is a ``[B, Hq, Sq]``-contiguous fp32 buffer (natural
+    log); ``KPM`` a ``[B, Sk]`` uint8 mask. ``USE_TMA``: ``Q, K, V, O`` are 4-D tensor descriptors over the
     ``[B, H, S, D]`` tensors (blocks ``[1, 1, BLOCK_M, BLOCK_D]``, ``[1, 1, BLOCK_N, BLOCK_D]``,
     ``[1, 1, BLOCK_N, BLOCK_DV]``, ``[1, 1, BLOCK_M, BLOCK_DV]``; the copy engine zero-fills reads past the
     edges and clips writes), and the pointer strides are unused. ``FOLD_SCALE`` (``qk_scale > 0``, no

@@ -18,7 +18,8 @@ Scope and limits:
 
 Grid: (token blocks of ``BLOCK_S`` positions, batch, head groups of ``HEADS`` heads). A program loads
 the ``[BLOCK_S, D]`` cos/sin tile once and rotates its heads with it; ``rope_qk`` runs the q heads and
-the k heads in one launch (head groups of q first, then of k).
+the k heads in one launch (head groups of q first, then of k). ``rms_norm_rope`` runs the same kernel with
+``NORM``: each head row is RMS-normalised and scaled first (the query/key norm fused into the rotation).
 
 Configs: ``rope_configs`` names the candidates, ``default_config`` picks one from the head dim and the
 token count (bucketed), and the env var ``GEMMA4_FAST_ROPE_CONFIG`` pins one (JSON, e.g.
