@@ -63,6 +63,13 @@ def launch_fn(kind, q, k, v, window, cfg, causal=True):
     api, _, F, P = _api()
     B, Hq, Sq, D = q.shape
     scale = 1.0
+    if kind == "fwd" and cfg.get("HOPPER"):
+        from gemma4_fast.kernels.attention import hopper as H
+        o = torch.empty(B, Sq, Hq, D, device="cuda", dtype=q.dtype).permute(0, 2, 1, 3)
+        why = H.hopper_unsupported(q, k, v, o, window, None, causal, None)
+        if why is not None:
+            raise ValueError(f"the Hopper kernel does not take this case: it {why}")
+        return (lambda: H.attention_hopper_fwd(q, k, v, o, None, scale=scale, window=window, config=cfg)), o
     if kind == "fwd":
         o = torch.empty(B, Sq, Hq, D, device="cuda", dtype=q.dtype).permute(0, 2, 1, 3)
         return (lambda: F.attention_fwd(q, k, v, o, None, None, scale=scale, window=window, softcap=None,

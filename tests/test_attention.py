@@ -437,3 +437,58 @@ def test_attention_gpu_fuzz(poison):
         _fuzz_one(B, G, Hkv, Sk, frac, D, window, pad, seed)
 
     run()
+
+
+HOPPER_CASES = [  # B, Hq, Hkv, Sq, Sk, D, window, kv_same, dtype
+    (1, 16, 2, 1000, 1000, 512, None, False, torch.bfloat16),
+    (1, 8, 1, 129, 129, 512, None, True, torch.bfloat16),
+    (2, 4, 4, 63, 63, 512, None, False, torch.float16),
+    (1, 16, 1, 7, 7, 512, None, False, torch.bfloat16),
+    (1, 2, 1, 1, 1, 512, None, False, torch.bfloat16),
+    (1, 8, 1, 100, 1001, 512, None, False, torch.bfloat16),
+    (2, 4, 2, 300, 300, 512, 129, False, torch.bfloat16),
+    (1, 4, 2, 200, 200, 512, 1, False, torch.bfloat16),
+    (1, 4, 1, 333, 333, 512, 5000, True, torch.bfloat16),
+    (1, 8, 1, 1000, 1000, 256, 512, False, torch.bfloat16),
+]
+
+
+def _need_hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs an sm_90 GPU")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=lambda c: "B{}H{}-{}S{}x{}D{}w{}kv{}-{}".format(*c))
+def test_hopper_kernel_gpu(case):
+    """The Gluon kernel launched directly into NaN-filled outputs, against the fp64 reference by the three-way
+    rule (odd lengths, one-query and one-key launches, chunked prefill, GQA 1-16, windows 1 / 129 / beyond the
+    keys, K is V, batch 2, fp16)."""
+    from gemma4_fast.kernels.attention import hopper as H
+    _need_hopper()
+    B, Hq, Hkv, Sq, Sk, D, window, kv_same, dtype = case
+    g = torch.Generator(device="cuda").manual_seed(Sq + Sk)
+    q, k, v, _ = make_inputs(B, Hq, Hkv, Sq, Sk, D, dtype=dtype, device="cuda", kv_same=kv_same, gen=g)
+    o = torch.full((B, Sq, Hq, D), float("nan"), dtype=dtype, device="cuda").permute(0, 2, 1, 3)
+    lse = torch.full((B, Hq, Sq), float("nan"), device="cuda")
+    assert H.hopper_unsupported(q, k, v, o, window, None, True, None) is None
+    H.attention_hopper_fwd(q, k, v, o, lse, scale=D ** -0.5, window=window, config={"BLOCK_N": 32})
+    ro, rlse = ref64(q, k, v, window=window)
+    three_way(o, A.attention_naive(q, k, v, window=window), ro)
+    check_lse(lse, rlse, 2e-2)
+
+
+@pytest.mark.cuda
+def test_hopper_dispatch_gpu(poison, monkeypatch):
+    """On sm_90 the public op sends a head_dim-512 causal bf16 prefill to the Hopper kernel and padded or
+    softcapped calls to the portable one (same results either way)."""
+    from gemma4_fast.kernels.attention import hopper as H
+    _need_hopper()
+    calls = []
+    real = H.attention_hopper_fwd
+    monkeypatch.setattr(H, "attention_hopper_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gpu_case(1, 8, 1, 515, 515, 512, scale=1.0)
+    assert calls == [1]
+    gpu_case(1, 8, 1, 515, 515, 512, pad=[7], scale=1.0)
+    gpu_case(1, 8, 1, 515, 515, 512, softcap=50.0, scale=1.0)
+    assert calls == [1]

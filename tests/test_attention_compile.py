@@ -73,6 +73,37 @@ def compile_like_launch(kernel, dt: str, constexprs: dict, capability: int, num_
     return int(out.metadata.shared)
 
 
+def compile_hopper(head_dim: int, dt: str, cfg: dict) -> int:
+    """Compile the Gluon kernel of ``hopper.py`` for sm_90 with the descriptors a launch over HF's layout
+    (q / o views of ``[B, S, H, D]``, k / v ``[B, H, S, D]``) passes; returns shared bytes."""
+    import torch
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from gemma4_fast.kernels.attention import hopper as H
+
+    dtype = torch.bfloat16 if dt == "bf16" else torch.float16
+    q = torch.empty(1, 256, 8, head_dim, dtype=dtype).permute(0, 2, 1, 3)
+    k = torch.empty(1, 1, 256, head_dim, dtype=dtype)
+    bn = cfg["BLOCK_N"]
+    descs = dict(q_desc=H._descriptor(q, H.BLOCK_M), k_desc=H._descriptor(k, bn), v_desc=H._descriptor(k, bn),
+                 o_desc=H._descriptor(q, H.BLOCK_M))
+    kernel = H.attention_hopper_fwd_kernel
+    ce = dict(HEAD_DIM=head_dim, BLOCK_M=H.BLOCK_M, BLOCK_N=bn, WRITE_LSE=True)
+    sig = {}
+    for name in kernel.arg_names:
+        if name in descs:
+            sig[name] = native_specialize_impl(BaseBackend, descs[name], False, True, True)[0]
+        else:
+            sig[name] = "constexpr" if name in ce else "*fp32" if name == "LSE" else \
+                "fp32" if name == "qk_scale" else "i32"
+    src = GluonASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(n),): v for n, v in ce.items()})
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
+    return int(out.metadata.shared)
+
+
 def _flags(dt: str) -> dict:
     return dict(HAS_SOFTCAP=False, HAS_KPM=True, KV_SAME=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
                 WHILE_LOOP=False)
@@ -86,6 +117,9 @@ def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) 
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DC=bdc, BLOCK_R=16, BLOCK_S=cfg.get("BLOCK_S", 128),
                   CHUNK_S=max(1, min(16, 4096 // bdc)), WRITE_LSE=True)
         return compile_like_launch(fwd.attention_combine_kernel, dt, ce, capability, 4 if bdc >= 256 else 2, 1)
+    if kind == "fwd" and cfg.get("HOPPER"):
+        assert capability == 90, "the Hopper kernel is offered on sm_90 only"
+        return compile_hopper(head_dim, dt, cfg)
     if kind == "fwd":
         bdv, bm, bn = min(cfg.get("BLOCK_DV", bd), bd), cfg["BLOCK_M"], cfg["BLOCK_N"]
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, WRITE_O=True, WRITE_LSE=True,
@@ -145,6 +179,7 @@ def _check(kind, d, dt, cfg, targets):
 def test_default_configs_compile():
     jobs = [("fwd", 256, "bf16", C.attention_fwd_configs(256, 2, 90)[0], 90),
             ("fwd", 512, "bf16", C.attention_fwd_configs(512, 2, 90)[0], 90),
+            ("fwd", 512, "bf16", C.portable_config(512, 2, 90), 90),
             ("fwd", 512, "bf16", C.attention_fwd_configs(512, 2, 80)[0], 80),
             ("split", 512, "bf16", C.attention_split_configs(512, 2, 90)[0], 90),
             ("split", 512, "bf16", C.attention_split_configs(512, 2, 80)[0], 80),

@@ -206,6 +206,15 @@ def _launch(q, k, v, o, lse, kpm, scale, window, softcap, causal, write_o: bool 
                                 kv_lens=kv_lens)
         else:
             cfg = _configs.select_config("fwd", D, q.dtype, mode, Sk, q.device)
+            if cfg.get("HOPPER"):
+                from .hopper import attention_hopper_fwd, hopper_unsupported
+                why = hopper_unsupported(q, k, v, o if write_o else None, window, softcap, causal, kpm)
+                if why is None:
+                    attention_hopper_fwd(q, k, v, o, lse, scale=scale, window=window, config=cfg)
+                    return
+                log_once(f"attention-hopper-{why}", "attention: a head_dim-%d call %s; using the portable kernel",
+                         D, why)
+                cfg = _configs.portable_config(D, q.element_size(), _configs.capability_of(q.device))
             cfg.setdefault("HEADS_INNER", int(_configs.heads_inner_default(D, window, causal, Sq)))
             attention_fwd(q, k, v, o if write_o else None, lse, kpm, scale=scale, window=window,
                           softcap=softcap, causal=causal, config=cfg, write_o=write_o)

@@ -42,8 +42,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def _cfg(bm: int, bn: int, warps: int, stages: int, dv: int = 0, min_blocks: int = 0,
-         tma: bool = False) -> dict[str, int]:
+         tma: bool = False, hopper: bool = False) -> dict[str, int]:
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+    if hopper:
+        cfg["HOPPER"] = 1
     if dv:
         cfg["BLOCK_DV"] = dv
     if min_blocks:
@@ -78,7 +80,9 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
     only) moves Q/K/V/O through the copy engine (tensor descriptors; the launcher falls back to pointer
     loads for tensors the engine cannot address); ``FOLD: 0`` turns off the scale-into-exponent fold;
     ``HEADS_INNER`` (0 / 1) fixes the launch order (``attention_fwd_kernel``; the public op sets it from
-    ``heads_inner_default`` when the config does not). The register accumulator is ``BLOCK_M x BLOCK_DV``
+    ``heads_inner_default`` when the config does not); ``HOPPER: 1`` (head_dim 512, H100 list first) runs the
+    Gluon kernel of ``hopper.py`` (64 query rows, 8 warps, ``BLOCK_N`` keys per step, no column split) where
+    ``hopper.hopper_ok`` accepts the call, else the list's first portable config. The register accumulator is ``BLOCK_M x BLOCK_DV``
     fp32 over ``32 * num_warps`` threads: head_dim 512 with ``BLOCK_M = 128`` needs ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and
     the Q tile (``BLOCK_M x 512``, 128 KB) stays in shared memory beside the K/V stages, which is why
     those configs are H100-only.
@@ -101,10 +105,16 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
                     _cfg(128, 64, 8, 1), _cfg(128, 64, 8, 2, tma=True), _cfg(64, 64, 4, 3, tma=True)]
         return [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 1)]
     if capability == 90:
-        return [_cfg(128, 32, 8, 2, 256), _cfg(128, 16, 8, 3, 256), _cfg(128, 64, 8, 1, 256),
+        return [_cfg(64, 32, 8, 1, hopper=True), _cfg(128, 32, 8, 2, 256), _cfg(128, 16, 8, 3, 256), _cfg(128, 64, 8, 1, 256),
                 _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2, 256), _cfg(128, 32, 8, 2, 256, tma=True),
                 _cfg(64, 32, 4, 3, 256, tma=True)]
     return [_cfg(64, 32, 4, 2, 256), _cfg(128, 16, 8, 1, 256), _cfg(64, 32, 8, 2), _cfg(64, 16, 8, 3)]
+
+
+def portable_config(head_dim: int, elem_bytes: int = 2, capability: int = 90) -> dict[str, int]:
+    """First candidate of ``attention_fwd_configs`` that runs on the portable kernel (where a ``HOPPER`` config
+    does not apply to a call)."""
+    return next(c for c in attention_fwd_configs(head_dim, elem_bytes, capability) if not c.get("HOPPER"))
 
 
 def attention_split_configs(head_dim: int, elem_bytes: int = 2, capability: int = 90) -> list[dict[str, int]]:
@@ -189,6 +199,7 @@ def select_config(kind: str, head_dim: int, dtype: torch.dtype, mode: str, lengt
     if pinned is not None:
         default = dict(GENERATORS[kind](head_dim, dtype.itemsize, capability_of(device))[0])
         default.pop("BLOCK_DV", None)
+        default.pop("HOPPER", None)
         default.update(pinned)
         return default
     return dict(_lookup(kind, head_dim, dtype, mode, length_bucket(length), device))

@@ -1,0 +1,234 @@
+"""Hopper (sm_90) prefill attention kernel in Gluon: ``attention_hopper_fwd_kernel`` and its launcher.
+
+Scope: bf16 / fp16 q ``[B, Hq, Sq, D]`` and k / v ``[B, Hkv, Sk, D]`` with D in {256, 512}, causal (optionally
+with a window), no softcap, no key padding mask, queries at the end of the keys. Everything else stays on the
+portable Triton kernel in ``fwd.py``; ``hopper_unsupported`` is the test the public op applies.
+
+Why a second kernel: at head_dim 512 a 128-row program cannot hold a 128 x 512 fp32 accumulator, so the portable
+kernel splits the output columns over two programs that each recompute ``q @ k^T`` (1.5x the tensor-core work).
+Triton 3.6 places every warp of a chained-dot kernel along the rows, so a 64-row program with two warpgroups
+would replicate ``q @ k^T`` instead of sharing it. Here the layout is explicit: one program owns 64 query rows;
+its two warpgroups each compute half of the key block's scores (``warps_per_cta=[4, 2]``), exchange the row
+maxima, write their halves of the probabilities to shared memory, and each accumulates half of the output
+columns from the whole probability tile. No dot product is computed twice.
+
+Pipeline (one program, 8 warps): Q is read once by the copy engine (TMA); K and V blocks stream through a
+two-slot ring (TMA + mbarriers). Each step issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` as asynchronous
+warpgroup MMAs, waits for ``S_j`` only, runs the softmax of block ``j`` while ``P_{j-1} V_{j-1}`` is still on the
+tensor cores, then waits, rescales ``O`` and stores ``P_j``. A K slot is refilled once both warpgroups have read
+it, a V slot once the MMA that read it has finished.
+
+Softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 statistics; per-thread partial row sums are reduced once
+at the end. Blocks every row sees in full skip the positional mask.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK_M = 64
+NUM_WARPS = 8
+
+
+@gluon.jit
+def _issue_load(desc, b, h, row, bar, dst):
+    mbarrier.expect(bar, desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [b, h, row, 0], bar, dst)
+
+
+@gluon.jit
+def _masked(s, pos, start_n, SK, WL, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    diff = pos[:, None] - cols[None, :]
+    vis = (diff >= 0) & (diff <= WL) & (cols[None, :] < SK)
+    return gl.where(vis, s, float("-inf"))
+
+
+@gluon.jit
+def _softmax_block(s, m_i, l_part, pos, start_n, full_lo, full_hi, SK, WL, qk_scale, BLOCK_N: gl.constexpr,
+                   s_layout: gl.constexpr):
+    """Scale (base 2), mask blocks that some row does not see in full, online max; returns
+    ``(p, alpha, m_new, l_part)`` with the per-thread partial row sums rescaled and increased by ``p``."""
+    s = s * qk_scale
+    if (start_n < full_lo) | (start_n + BLOCK_N > full_hi):
+        s = _masked(s, pos, start_n, SK, WL, BLOCK_N, s_layout)
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_part = l_part * alpha[:, None] + p
+    return p, alpha, m_new, l_part
+
+
+@gluon.jit
+def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS, SQ, SK, WL, qk_scale,
+                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                WRITE_LSE: gl.constexpr):
+    """One program: ``BLOCK_M`` queries of one (batch, query head), all ``HEAD_DIM`` output columns.
+
+    Grid ``(cdiv(Sq, BLOCK_M), B * Hq)``, heaviest query block first. ``q_desc``, ``k_desc``, ``v_desc``,
+    ``o_desc``: 4-D TMA descriptors over ``[B, H, S, D]`` views (blocks ``[1, 1, BLOCK_M or BLOCK_N, D]``;
+    reads past the keys are zero-filled, writes past the queries clipped). Causal with ``WL = window - 1``
+    (``1 << 30`` without a window). ``LSE``: ``[B, Hq, Sq]`` fp32 (natural log), written when ``WRITE_LSE``.
+    """
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, BLOCK_N // 2, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, HEAD_DIM // 2, 16])
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_desc.dtype
+    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    off_b = pid_bh // H_Q
+    off_h = pid_bh % H_Q
+    off_hk = off_h // GROUPS
+    start_m = pid_m * BLOCK_M
+    shift = SK - SQ
+    pos0 = start_m + shift
+    pos1 = gl.minimum(start_m + BLOCK_M, SQ) - 1 + shift
+    lo = (gl.maximum(pos0 - WL, 0) // BLOCK_N) * BLOCK_N
+    hi = gl.minimum(pos1 + 1, SK)
+    full_lo = gl.cdiv(gl.maximum(pos1 - WL, 0), BLOCK_N) * BLOCK_N
+    full_hi = (gl.minimum(pos0 + 1, SK) // BLOCK_N) * BLOCK_N
+    n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], p_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+    fence_async_shared()
+
+    _issue_load(q_desc, off_b, off_h, start_m, q_bar, q_smem)
+    for i in gl.static_range(2):
+        if i < n_blocks:
+            _issue_load(k_desc, off_b, off_hk, lo + i * BLOCK_N, k_bar.index(i), k_smem.index(i))
+            _issue_load(v_desc, off_b, off_hk, lo + i * BLOCK_N, v_bar.index(i), v_smem.index(i))
+
+    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    pos = pos0 + gl.arange(0, BLOCK_M, layout=row_s)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    l_part = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    mbarrier.wait(q_bar, 0)
+
+    mbarrier.wait(k_bar.index(0), 0)
+    s = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
+    p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo, full_lo, full_hi, SK, WL, qk_scale, BLOCK_N,
+                                           s_layout)
+    p_smem.index(0).store(p.to(dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+    if 2 < n_blocks:
+        _issue_load(k_desc, off_b, off_hk, lo + 2 * BLOCK_N, k_bar.index(0), k_smem.index(0))
+
+    for j in range(1, n_blocks):
+        slot = j % 2
+        prev = 1 - slot
+        start_n = lo + j * BLOCK_N
+        mbarrier.wait(k_bar.index(slot), (j // 2) & 1)
+        kt = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(q2, kt, s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_bar.index(prev), ((j - 1) // 2) & 1)
+        acc_tok = warpgroup_mma(p_smem.index(prev), v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+                                is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, start_n, full_lo, full_hi, SK, WL, qk_scale,
+                                               BLOCK_N, s_layout)
+        acc = warpgroup_mma_wait(0, deps=[acc_tok])
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        p_smem.index(slot).store(p.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        if j + 2 < n_blocks:
+            _issue_load(k_desc, off_b, off_hk, start_n + 2 * BLOCK_N, k_bar.index(slot), k_smem.index(slot))
+        if j + 1 < n_blocks:
+            _issue_load(v_desc, off_b, off_hk, start_n + BLOCK_N, v_bar.index(prev), v_smem.index(prev))
+
+    last = (n_blocks - 1) % 2
+    mbarrier.wait(v_bar.index(last), ((n_blocks - 1) // 2) & 1)
+    acc = warpgroup_mma(p_smem.index(last), v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc)
+
+    l_i = gl.sum(l_part, 1)
+    nonempty = l_i > 0.0
+    l_safe = gl.where(nonempty, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+    q2.store(out.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, start_m, 0], q_smem)
+    if WRITE_LSE:
+        rows = start_m + gl.arange(0, BLOCK_M, layout=row_s)
+        lse = gl.where(nonempty, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
+    tma.store_wait(0)
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(2):
+        mbarrier.invalidate(k_bar.index(i))
+        mbarrier.invalidate(v_bar.index(i))
+
+
+def _layout(block, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    """4-D TMA descriptor over ``t`` ``[B, H, S, D]`` with blocks ``[1, 1, rows, D]`` (size-1 dims get the
+    stride a contiguous tensor would have: they are never stepped over)."""
+    strides = list(t.stride())
+    for i in (2, 1, 0):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    block = [1, 1, rows, t.shape[3]]
+    return TensorDescriptor(t, list(t.shape), strides, block, _layout(block, t.dtype))
+
+
+def hopper_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o, window, softcap, causal: bool,
+                       kpm) -> Optional[str]:
+    """Why ``attention_hopper_fwd`` cannot take this call (a short phrase for the log), or None when it can:
+    sm_90, bf16 / fp16, head_dim 256 or 512, causal, no softcap, no key padding mask, an output to write, every
+    tensor TMA-addressable (16-byte aligned base and strides, unit last stride)."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "does not run on an sm_90 GPU"
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[3] not in (256, 512):
+        return "has a dtype or head_dim the Hopper kernel lacks"
+    if not causal or softcap is not None or kpm is not None:
+        return "is bidirectional, softcapped or padded"
+    if o is None:
+        return "writes only the LSE"
+    for t in (q, k, v, o):
+        if t.stride(3) != 1 or t.data_ptr() % 16:
+            return "has a tensor the copy engine cannot address"
+        if any((st * t.element_size()) % 16 for st, n in zip(t.stride()[:3], t.shape[:3]) if n > 1):
+            return "has a tensor the copy engine cannot address"
+    return None
+
+
+def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict) -> None:
+    """Launch ``attention_hopper_fwd_kernel`` into ``o`` (``[B, Hq, Sq, D]``) and ``lse`` (``[B, Hq, Sq]``
+    contiguous fp32, or None). Inputs as accepted by ``hopper_unsupported``; ``config`` gives ``BLOCK_N``."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    bn = config["BLOCK_N"]
+    wl = (1 << 30) if window is None else int(window) - 1
+    grid = (triton.cdiv(Sq, BLOCK_M), B * Hq)
+    attention_hopper_fwd_kernel[grid](
+        _descriptor(q, BLOCK_M), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, BLOCK_M),
+        lse if lse is not None else q, Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634,
+        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=bn, WRITE_LSE=lse is not None, num_warps=NUM_WARPS)
