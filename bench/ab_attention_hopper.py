@@ -31,9 +31,12 @@ CHECKS = [  # D, B, Hq, Hkv, Sq, Sk, window, hf_layout, k_is_v
     (256, 2, 8, 4, 333, 333, None, True, False),
     (256, 1, 4, 4, 96, 1111, 64, False, True),
 ]
-TIMES = [(512, 16, 2, S, None) for S in (4096, 8192, 16384, 32768)] + [(512, 8, 1, 8192, None),
-                                                                      (256, 16, 8, 8192, None),
-                                                                      (256, 8, 1, 8192, 512)]
+TIMES = [(512, 16, 2, S, None, False) for S in (4096, 8192, 16384, 32768)] + [
+    (512, 8, 1, 8192, None, False), (512, 16, 2, 4096, None, True), (512, 16, 2, 8192, None, True),
+    (256, 16, 8, 8192, None, False), (256, 8, 1, 8192, 512, False)]
+#: Hopper configs timed (the K==V ones only where v is k: two 64-key K/V rings would not fit shared memory)
+HOPPER_CFGS = {"h32": ({"BLOCK_N": 32}, False), "h32kv3": ({"BLOCK_N": 32, "KV_STAGES": 3}, True),
+               "h64kv2": ({"BLOCK_N": 64, "KV_STAGES": 2}, True)}
 
 
 def _inputs(D, B, Hq, Hkv, Sq, Sk, hf_layout, k_is_v, seed=0):
@@ -84,6 +87,12 @@ def check():
         usable = hopper.hopper_unsupported(q, k, v, o, W, None, True, None) is None
         if usable:
             hopper.attention_hopper_fwd(q, k, v, o, lse, scale=scale, window=W, config={"BLOCK_N": 32})
+            if kv:
+                o64 = torch.full_like(o, float("nan"))
+                hopper.attention_hopper_fwd(q, k, v, o64, None, scale=scale, window=W,
+                                            config={"BLOCK_N": 64, "KV_STAGES": 2})
+                usable = (o64.double() - ref).abs().max().item() <= 2 * (tb.double() - ref).abs().max().item() + \
+                    2 ** -7 * ref.abs().max().item()
         o2 = torch.full_like(o, float("nan"))
         cfg = configs.select_config("fwd", D, q.dtype, api._mode(W, True), Sk, q.device)
         if cfg.get("HOPPER"):
@@ -106,33 +115,42 @@ def timing():
     from gemma4_fast.kernels.attention import api, configs, fwd, hopper
 
     rows = []
-    for D, Hq, Hkv, S, W in TIMES:
+    for D, Hq, Hkv, S, W, kv in TIMES:
         q, k, v = (t.to(torch.bfloat16) for t in _inputs(D, 1, Hq, Hkv, S, S, True, False))
+        if kv:
+            v = k
         cfg = configs.select_config("fwd", D, q.dtype, api._mode(W, True), S, q.device)
         if cfg.get("HOPPER"):
             cfg = configs.portable_config(D, 2, 90)
         cfg.setdefault("HEADS_INNER", int(configs.heads_inner_default(D, W, True, S)))
-        o_h = torch.full((1, S, Hq, D), float("nan"), device="cuda", dtype=q.dtype).permute(0, 2, 1, 3)
-        o_p = torch.full_like(o_h, float("nan"))
-        runs = {
-            "hopper": lambda: hopper.attention_hopper_fwd(q, k, v, o_h, None, scale=1.0, window=W,
-                                                          config={"BLOCK_N": 32}),
-            "portable": lambda: fwd.attention_fwd(q, k, v, o_p, None, None, scale=1.0, window=W, softcap=None,
-                                                  causal=True, config=cfg),
-        }
+        outs = {}
+
+        def out(name):
+            outs[name] = torch.full((1, S, Hq, D), float("nan"), device="cuda", dtype=q.dtype).permute(0, 2, 1, 3)
+            return outs[name]
+        runs = {"portable": (lambda o: lambda: fwd.attention_fwd(q, k, v, o, None, None, scale=1.0, window=W,
+                                                                 softcap=None, causal=True, config=cfg))(out("portable"))}
+        for name, (hcfg, needs_kv) in HOPPER_CFGS.items():
+            if needs_kv == kv:
+                runs[name] = (lambda o, c: lambda: hopper.attention_hopper_fwd(q, k, v, o, None, scale=1.0, window=W,
+                                                                               config=c))(out(name), hcfg)
         times = {name: [] for name in runs}
         for _ in range(3):
             for name, fn in runs.items():
                 times[name].append(_graph_ms(fn))
         pairs = S * W - W * (W - 1) // 2 if W else S * (S + 1) // 2
         flops = 4.0 * pairs * D * Hq
-        th, tp = statistics.median(times["hopper"]), statistics.median(times["portable"])
-        rows.append({"case": f"hd{D} H{Hq}/{Hkv} S={S}" + (f" w{W}" if W else " causal"),
-                     "hopper_ms": round(th, 4), "portable_ms": round(tp, 4),
-                     "hopper_TFLOPs": round(flops / th / 1e9, 1), "portable_TFLOPs": round(flops / tp / 1e9, 1),
-                     "speedup": round(tp / th, 3),
-                     "max_abs_diff": (o_h.float() - o_p.float()).abs().max().item()})
-    print_table(rows, ["case", "hopper_ms", "portable_ms", "hopper_TFLOPs", "portable_TFLOPs", "speedup",
+        tp = statistics.median(times["portable"])
+        for name in runs:
+            if name == "portable":
+                continue
+            th = statistics.median(times[name])
+            rows.append({"case": f"hd{D} H{Hq}/{Hkv} S={S}" + (f" w{W}" if W else " causal") + (" K=V" if kv else ""),
+                         "hopper_cfg": name, "hopper_ms": round(th, 4), "portable_ms": round(tp, 4),
+                         "hopper_TFLOPs": round(flops / th / 1e9, 1), "portable_TFLOPs": round(flops / tp / 1e9, 1),
+                         "speedup": round(tp / th, 3),
+                         "max_abs_diff": (outs[name].float() - outs["portable"].float()).abs().max().item()})
+    print_table(rows, ["case", "hopper_cfg", "hopper_ms", "portable_ms", "hopper_TFLOPs", "portable_TFLOPs", "speedup",
                        "max_abs_diff"])
     return rows
 

@@ -91,7 +91,8 @@ def compile_hopper(head_dim: int, dt: str, cfg: dict) -> int:
     descs = dict(q_desc=H._descriptor(q, H.BLOCK_M), k_desc=H._descriptor(k, bn), v_desc=H._descriptor(k, bn),
                  o_desc=H._descriptor(q, H.BLOCK_M))
     kernel = H.attention_hopper_fwd_kernel
-    ce = dict(HEAD_DIM=head_dim, BLOCK_M=H.BLOCK_M, BLOCK_N=bn, WRITE_LSE=True)
+    ce = dict(HEAD_DIM=head_dim, BLOCK_M=H.BLOCK_M, BLOCK_N=bn, KV_SAME=bool(cfg.get("KV_SAME", 0)),
+              KV_STAGES=cfg.get("KV_STAGES", 3), WRITE_LSE=True)
     sig = {}
     for name in kernel.arg_names:
         if name in descs:

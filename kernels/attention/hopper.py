@@ -70,13 +70,15 @@ def _softmax_block(s, m_i, l_part, pos, start_n, full_lo, full_hi, SK, WL, qk_sc
 @gluon.jit
 def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS, SQ, SK, WL, qk_scale,
                                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                WRITE_LSE: gl.constexpr):
+                                KV_SAME: gl.constexpr, KV_STAGES: gl.constexpr, WRITE_LSE: gl.constexpr):
     """One program: ``BLOCK_M`` queries of one (batch, query head), all ``HEAD_DIM`` output columns.
 
     Grid ``(cdiv(Sq, BLOCK_M), B * Hq)``, heaviest query block first. ``q_desc``, ``k_desc``, ``v_desc``,
     ``o_desc``: 4-D TMA descriptors over ``[B, H, S, D]`` views (blocks ``[1, 1, BLOCK_M or BLOCK_N, D]``;
     reads past the keys are zero-filled, writes past the queries clipped). Causal with ``WL = window - 1``
     (``1 << 30`` without a window). ``LSE``: ``[B, Hq, Sq]`` fp32 (natural log), written when ``WRITE_LSE``.
+    ``KV_SAME``: K is V; one ring of ``KV_STAGES`` tiles serves both (a tile is read by ``S_j`` and, one step
+    later, by ``P_j V_j``), halving the bytes read. Otherwise K and V have two-slot rings each.
     """
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, BLOCK_N // 2, 16])
@@ -86,6 +88,7 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = q_desc.dtype
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    NK: gl.constexpr = KV_STAGES if KV_SAME else 2
 
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -103,23 +106,31 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [NK, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], p_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [NK, 1], mbarrier.MBarrierLayout())
+    if KV_SAME:
+        v_smem = k_smem
+        v_bar = k_bar
+    else:
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    NV: gl.constexpr = NK if KV_SAME else 2
     mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(2):
+    for i in gl.static_range(NK):
         mbarrier.init(k_bar.index(i), count=1)
-        mbarrier.init(v_bar.index(i), count=1)
+    if not KV_SAME:
+        for i in gl.static_range(2):
+            mbarrier.init(v_bar.index(i), count=1)
     fence_async_shared()
 
     _issue_load(q_desc, off_b, off_h, start_m, q_bar, q_smem)
-    for i in gl.static_range(2):
+    for i in gl.static_range(NK):
         if i < n_blocks:
             _issue_load(k_desc, off_b, off_hk, lo + i * BLOCK_N, k_bar.index(i), k_smem.index(i))
-            _issue_load(v_desc, off_b, off_hk, lo + i * BLOCK_N, v_bar.index(i), v_smem.index(i))
+            if not KV_SAME:
+                _issue_load(v_desc, off_b, off_hk, lo + i * BLOCK_N, v_bar.index(i), v_smem.index(i))
 
     q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
     pos = pos0 + gl.arange(0, BLOCK_M, layout=row_s)
@@ -136,35 +147,41 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     p_smem.index(0).store(p.to(dtype))
     fence_async_shared()
     gl.thread_barrier()
-    if 2 < n_blocks:
-        _issue_load(k_desc, off_b, off_hk, lo + 2 * BLOCK_N, k_bar.index(0), k_smem.index(0))
+    if not KV_SAME:
+        if 2 < n_blocks:
+            _issue_load(k_desc, off_b, off_hk, lo + 2 * BLOCK_N, k_bar.index(0), k_smem.index(0))
 
     for j in range(1, n_blocks):
-        slot = j % 2
-        prev = 1 - slot
+        kslot = j % NK
+        vslot = (j - 1) % NV
         start_n = lo + j * BLOCK_N
-        mbarrier.wait(k_bar.index(slot), (j // 2) & 1)
-        kt = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        mbarrier.wait(k_bar.index(kslot), (j // NK) & 1)
+        kt = k_smem.index(kslot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         s_tok = warpgroup_mma(q2, kt, s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_bar.index(prev), ((j - 1) // 2) & 1)
-        acc_tok = warpgroup_mma(p_smem.index(prev), v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+        mbarrier.wait(v_bar.index(vslot), ((j - 1) // NV) & 1)
+        acc_tok = warpgroup_mma(p_smem.index((j - 1) % 2), v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), acc,
                                 is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, start_n, full_lo, full_hi, SK, WL, qk_scale,
                                                BLOCK_N, s_layout)
         acc = warpgroup_mma_wait(0, deps=[acc_tok])
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        p_smem.index(slot).store(p.to(dtype))
+        p_smem.index(j % 2).store(p.to(dtype))
         fence_async_shared()
         gl.thread_barrier()
-        if j + 2 < n_blocks:
-            _issue_load(k_desc, off_b, off_hk, start_n + 2 * BLOCK_N, k_bar.index(slot), k_smem.index(slot))
-        if j + 1 < n_blocks:
-            _issue_load(v_desc, off_b, off_hk, start_n + BLOCK_N, v_bar.index(prev), v_smem.index(prev))
+        if KV_SAME:
+            if j - 1 + NK < n_blocks:
+                _issue_load(k_desc, off_b, off_hk, start_n + (NK - 1) * BLOCK_N, k_bar.index(vslot),
+                            k_smem.index(vslot))
+        else:
+            if j + 2 < n_blocks:
+                _issue_load(k_desc, off_b, off_hk, start_n + 2 * BLOCK_N, k_bar.index(kslot), k_smem.index(kslot))
+            if j + 1 < n_blocks:
+                _issue_load(v_desc, off_b, off_hk, start_n + BLOCK_N, v_bar.index(vslot), v_smem.index(vslot))
 
-    last = (n_blocks - 1) % 2
-    mbarrier.wait(v_bar.index(last), ((n_blocks - 1) // 2) & 1)
-    acc = warpgroup_mma(p_smem.index(last), v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc)
+    last = n_blocks - 1
+    mbarrier.wait(v_bar.index(last % NV), (last // NV) & 1)
+    acc = warpgroup_mma(p_smem.index(last % 2), v_smem.index(last % NV).reshape([BLOCK_N, HEAD_DIM]), acc)
 
     l_i = gl.sum(l_part, 1)
     nonempty = l_i > 0.0
@@ -179,9 +196,11 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
         gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
     tma.store_wait(0)
     mbarrier.invalidate(q_bar)
-    for i in gl.static_range(2):
+    for i in gl.static_range(NK):
         mbarrier.invalidate(k_bar.index(i))
-        mbarrier.invalidate(v_bar.index(i))
+    if not KV_SAME:
+        for i in gl.static_range(2):
+            mbarrier.invalidate(v_bar.index(i))
 
 
 def _layout(block, dtype: torch.dtype):
@@ -222,13 +241,19 @@ def hopper_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o, win
 
 def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict) -> None:
     """Launch ``attention_hopper_fwd_kernel`` into ``o`` (``[B, Hq, Sq, D]``) and ``lse`` (``[B, Hq, Sq]``
-    contiguous fp32, or None). Inputs as accepted by ``hopper_unsupported``; ``config`` gives ``BLOCK_N``."""
+    contiguous fp32, or None). Inputs as accepted by ``hopper_unsupported``. ``config``: ``BLOCK_N`` keys per
+    step, ``KV_STAGES`` (default 3) tiles in the ring used when ``v`` is ``k`` (Gemma 4's K==V layers)."""
+    from .fwd import _same_tensor
+
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     bn = config["BLOCK_N"]
+    kv_same = _same_tensor(k, v)
     wl = (1 << 30) if window is None else int(window) - 1
     grid = (triton.cdiv(Sq, BLOCK_M), B * Hq)
+    k_desc = _descriptor(k, bn)
     attention_hopper_fwd_kernel[grid](
-        _descriptor(q, BLOCK_M), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, BLOCK_M),
+        _descriptor(q, BLOCK_M), k_desc, k_desc if kv_same else _descriptor(v, bn), _descriptor(o, BLOCK_M),
         lse if lse is not None else q, Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=bn, WRITE_LSE=lse is not None, num_warps=NUM_WARPS)
+        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=bn, KV_SAME=kv_same, KV_STAGES=config.get("KV_STAGES", 3),
+        WRITE_LSE=lse is not None, num_warps=NUM_WARPS)
