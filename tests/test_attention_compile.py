@@ -92,7 +92,8 @@ def compile_hopper(head_dim: int, dt: str, cfg: dict) -> int:
                  o_desc=H._descriptor(q, H.BLOCK_M))
     kernel = H.attention_hopper_fwd_kernel
     ce = dict(HEAD_DIM=head_dim, BLOCK_M=H.BLOCK_M, BLOCK_N=bn, KV_SAME=bool(cfg.get("KV_SAME", 0)),
-              KV_STAGES=cfg.get("KV_STAGES", 3), WRITE_LSE=True)
+              KV_STAGES=cfg.get("KV_STAGES", 3), K_STAGES=cfg.get("K_STAGES", 2), V_STAGES=cfg.get("V_STAGES", 2),
+              WRITE_LSE=True)
     sig = {}
     for name in kernel.arg_names:
         if name in descs:

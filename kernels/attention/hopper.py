@@ -70,7 +70,8 @@ def _softmax_block(s, m_i, l_part, pos, start_n, full_lo, full_hi, SK, WL, qk_sc
 @gluon.jit
 def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS, SQ, SK, WL, qk_scale,
                                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                KV_SAME: gl.constexpr, KV_STAGES: gl.constexpr, WRITE_LSE: gl.constexpr):
+                                KV_SAME: gl.constexpr, KV_STAGES: gl.constexpr, K_STAGES: gl.constexpr,
+                                V_STAGES: gl.constexpr, WRITE_LSE: gl.constexpr):
     """One program: ``BLOCK_M`` queries of one (batch, query head), all ``HEAD_DIM`` output columns.
 
     Grid ``(cdiv(Sq, BLOCK_M), B * Hq)``, heaviest query block first. ``q_desc``, ``k_desc``, ``v_desc``,
@@ -78,7 +79,8 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     reads past the keys are zero-filled, writes past the queries clipped). Causal with ``WL = window - 1``
     (``1 << 30`` without a window). ``LSE``: ``[B, Hq, Sq]`` fp32 (natural log), written when ``WRITE_LSE``.
     ``KV_SAME``: K is V; one ring of ``KV_STAGES`` tiles serves both (a tile is read by ``S_j`` and, one step
-    later, by ``P_j V_j``), halving the bytes read. Otherwise K and V have two-slot rings each.
+    later, by ``P_j V_j``), halving the bytes read. Otherwise K and V have rings of ``K_STAGES`` and ``V_STAGES``
+    tiles (a K tile is free once both warpgroups have its scores, a V tile once ``P_j V_j`` has finished).
     """
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, BLOCK_N // 2, 16])
@@ -88,7 +90,8 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = q_desc.dtype
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-    NK: gl.constexpr = KV_STAGES if KV_SAME else 2
+    NK: gl.constexpr = KV_STAGES if KV_SAME else K_STAGES
+    NV: gl.constexpr = KV_STAGES if KV_SAME else V_STAGES
 
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -114,14 +117,13 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
         v_smem = k_smem
         v_bar = k_bar
     else:
-        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-        v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    NV: gl.constexpr = NK if KV_SAME else 2
+        v_smem = gl.allocate_shared_memory(dtype, [NV, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        v_bar = gl.allocate_shared_memory(gl.int64, [NV, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(NK):
         mbarrier.init(k_bar.index(i), count=1)
     if not KV_SAME:
-        for i in gl.static_range(2):
+        for i in gl.static_range(NV):
             mbarrier.init(v_bar.index(i), count=1)
     fence_async_shared()
 
@@ -129,7 +131,9 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     for i in gl.static_range(NK):
         if i < n_blocks:
             _issue_load(k_desc, off_b, off_hk, lo + i * BLOCK_N, k_bar.index(i), k_smem.index(i))
-            if not KV_SAME:
+    if not KV_SAME:
+        for i in gl.static_range(NV):
+            if i < n_blocks:
                 _issue_load(v_desc, off_b, off_hk, lo + i * BLOCK_N, v_bar.index(i), v_smem.index(i))
 
     q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
@@ -148,8 +152,8 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     fence_async_shared()
     gl.thread_barrier()
     if not KV_SAME:
-        if 2 < n_blocks:
-            _issue_load(k_desc, off_b, off_hk, lo + 2 * BLOCK_N, k_bar.index(0), k_smem.index(0))
+        if NK < n_blocks:
+            _issue_load(k_desc, off_b, off_hk, lo + NK * BLOCK_N, k_bar.index(0), k_smem.index(0))
 
     for j in range(1, n_blocks):
         kslot = j % NK
@@ -174,10 +178,11 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
                 _issue_load(k_desc, off_b, off_hk, start_n + (NK - 1) * BLOCK_N, k_bar.index(vslot),
                             k_smem.index(vslot))
         else:
-            if j + 2 < n_blocks:
-                _issue_load(k_desc, off_b, off_hk, start_n + 2 * BLOCK_N, k_bar.index(kslot), k_smem.index(kslot))
-            if j + 1 < n_blocks:
-                _issue_load(v_desc, off_b, off_hk, start_n + BLOCK_N, v_bar.index(vslot), v_smem.index(vslot))
+            if j + NK < n_blocks:
+                _issue_load(k_desc, off_b, off_hk, start_n + NK * BLOCK_N, k_bar.index(kslot), k_smem.index(kslot))
+            if j - 1 + NV < n_blocks:
+                _issue_load(v_desc, off_b, off_hk, start_n + (NV - 1) * BLOCK_N, v_bar.index(vslot),
+                            v_smem.index(vslot))
 
     last = n_blocks - 1
     mbarrier.wait(v_bar.index(last % NV), (last // NV) & 1)
@@ -199,7 +204,7 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     for i in gl.static_range(NK):
         mbarrier.invalidate(k_bar.index(i))
     if not KV_SAME:
-        for i in gl.static_range(2):
+        for i in gl.static_range(NV):
             mbarrier.invalidate(v_bar.index(i))
 
 
@@ -242,7 +247,8 @@ def hopper_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o, win
 def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict) -> None:
     """Launch ``attention_hopper_fwd_kernel`` into ``o`` (``[B, Hq, Sq, D]``) and ``lse`` (``[B, Hq, Sq]``
     contiguous fp32, or None). Inputs as accepted by ``hopper_unsupported``. ``config``: ``BLOCK_N`` keys per
-    step, ``KV_STAGES`` (default 3) tiles in the ring used when ``v`` is ``k`` (Gemma 4's K==V layers)."""
+    step, ``KV_STAGES`` (default 3) tiles in the ring used when ``v`` is ``k``, else ``K_STAGES`` / ``V_STAGES``
+    (default 2 / 2) tiles in the K and V rings."""
     from .fwd import _same_tensor
 
     B, Hq, Sq, D = q.shape
@@ -256,4 +262,5 @@ def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict)
         _descriptor(q, BLOCK_M), k_desc, k_desc if kv_same else _descriptor(v, bn), _descriptor(o, BLOCK_M),
         lse if lse is not None else q, Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634,
         HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=bn, KV_SAME=kv_same, KV_STAGES=config.get("KV_STAGES", 3),
+        K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2),
         WRITE_LSE=lse is not None, num_warps=NUM_WARPS)
