@@ -81,8 +81,9 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
     loads for tensors the engine cannot address); ``FOLD: 0`` turns off the scale-into-exponent fold;
     ``HEADS_INNER`` (0 / 1) fixes the launch order (``attention_fwd_kernel``; the public op sets it from
     ``heads_inner_default`` when the config does not); ``HOPPER: 1`` (head_dim 512, H100 list first) runs the
-    Gluon kernel of ``hopper.py`` (64 query rows, 8 warps, ``BLOCK_N`` keys per step, no column split) where
-    ``hopper.hopper_ok`` accepts the call, else the list's first portable config. The register accumulator is ``BLOCK_M x BLOCK_DV``
+    Gluon kernel of ``hopper.py`` (64 query rows, 8 warps, ``BLOCK_N`` keys per step, no column split; with
+    K is V ``KV_BLOCK_N`` keys and a ring of ``KV_STAGES`` tiles) where ``hopper.hopper_unsupported`` accepts
+    the call, else the list's first portable config. The register accumulator is ``BLOCK_M x BLOCK_DV``
     fp32 over ``32 * num_warps`` threads: head_dim 512 with ``BLOCK_M = 128`` needs ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and
     the Q tile (``BLOCK_M x 512``, 128 KB) stays in shared memory beside the K/V stages, which is why
     those configs are H100-only.
@@ -105,7 +106,7 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
                     _cfg(128, 64, 8, 1), _cfg(128, 64, 8, 2, tma=True), _cfg(64, 64, 4, 3, tma=True)]
         return [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 1)]
     if capability == 90:
-        return [_cfg(64, 32, 8, 1, hopper=True), _cfg(128, 32, 8, 2, 256), _cfg(128, 16, 8, 3, 256), _cfg(128, 64, 8, 1, 256),
+        return [dict(_cfg(64, 32, 8, 1, hopper=True), KV_BLOCK_N=64, KV_STAGES=2), _cfg(128, 32, 8, 2, 256), _cfg(128, 16, 8, 3, 256), _cfg(128, 64, 8, 1, 256),
                 _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2, 256), _cfg(128, 32, 8, 2, 256, tma=True),
                 _cfg(64, 32, 4, 3, 256, tma=True)]
     return [_cfg(64, 32, 4, 2, 256), _cfg(128, 16, 8, 1, 256), _cfg(64, 32, 8, 2), _cfg(64, 16, 8, 3)]

@@ -244,23 +244,39 @@ def hopper_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o, win
     return None
 
 
+#: Shared memory a block may use on sm_90, less room for the barriers and the reduction scratch.
+_SHARED_BUDGET = 232448 - 4096
+
+
+def _stages(d: int, bn: int, want: int, rings: int) -> int:
+    """The deepest ring (at most ``want`` tiles, at least 1) whose ``rings`` rings of ``bn x d`` tiles fit shared
+    memory beside the 64-row Q tile and the two probability tiles (2-byte elements)."""
+    fixed = 2 * (BLOCK_M * d + 2 * BLOCK_M * bn)
+    fit = (_SHARED_BUDGET - fixed) // (2 * bn * d * rings)
+    return max(1, min(want, fit))
+
+
 def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict) -> None:
     """Launch ``attention_hopper_fwd_kernel`` into ``o`` (``[B, Hq, Sq, D]``) and ``lse`` (``[B, Hq, Sq]``
-    contiguous fp32, or None). Inputs as accepted by ``hopper_unsupported``. ``config``: ``BLOCK_N`` keys per
-    step, ``KV_STAGES`` (default 3) tiles in the ring used when ``v`` is ``k``, else ``K_STAGES`` / ``V_STAGES``
-    (default 2 / 2) tiles in the K and V rings."""
+    contiguous fp32, or None). Inputs as accepted by ``hopper_unsupported``.
+
+    ``config``: ``BLOCK_N`` keys per step with ``K_STAGES`` / ``V_STAGES`` (default 2 / 2) tiles in the K and V
+    rings; when ``v`` is ``k``, ``KV_BLOCK_N`` (default ``BLOCK_N``) keys per step and ``KV_STAGES`` (default 3)
+    tiles in the one ring. Ring depths are cut to what fits shared memory."""
     from .fwd import _same_tensor
 
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    bn = config["BLOCK_N"]
     kv_same = _same_tensor(k, v)
+    bn = config.get("KV_BLOCK_N", config["BLOCK_N"]) if kv_same else config["BLOCK_N"]
+    kv_stages = _stages(D, bn, config.get("KV_STAGES", 3), 1)
+    k_stages = _stages(D, bn, config.get("K_STAGES", 2), 2)
+    v_stages = _stages(D, bn, config.get("V_STAGES", 2), 2)
     wl = (1 << 30) if window is None else int(window) - 1
     grid = (triton.cdiv(Sq, BLOCK_M), B * Hq)
     k_desc = _descriptor(k, bn)
     attention_hopper_fwd_kernel[grid](
         _descriptor(q, BLOCK_M), k_desc, k_desc if kv_same else _descriptor(v, bn), _descriptor(o, BLOCK_M),
         lse if lse is not None else q, Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=bn, KV_SAME=kv_same, KV_STAGES=config.get("KV_STAGES", 3),
-        K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2),
-        WRITE_LSE=lse is not None, num_warps=NUM_WARPS)
+        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=bn, KV_SAME=kv_same, KV_STAGES=kv_stages, K_STAGES=k_stages,
+        V_STAGES=v_stages, WRITE_LSE=lse is not None, num_warps=NUM_WARPS)
