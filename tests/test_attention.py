@@ -451,6 +451,9 @@ HOPPER_CASES = [  # B, Hq, Hkv, Sq, Sk, D, window, kv_same, dtype
     (1, 4, 1, 333, 333, 512, 5000, True, torch.bfloat16),
     (1, 8, 1, 1000, 1000, 256, 512, False, torch.bfloat16),
     (1, 16, 2, 515, 515, 512, None, True, torch.bfloat16),
+    (1, 16, 8, 777, 777, 256, None, False, torch.bfloat16),
+    (2, 4, 2, 130, 1000, 256, None, False, torch.float16),
+    (1, 2, 1, 1, 1, 256, None, False, torch.bfloat16),
 ]
 
 

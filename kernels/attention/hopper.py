@@ -1,4 +1,5 @@
-"""Hopper (sm_90) prefill attention kernel in Gluon: ``attention_hopper_fwd_kernel`` and its launcher.
+"""Hopper (sm_90) prefill attention kernels in Gluon: ``attention_hopper_fwd_kernel`` (head_dim 512),
+``attention_hopper_rows_fwd_kernel`` (head_dim 256) and their launcher ``attention_hopper_fwd``.
 
 Scope: bf16 / fp16 q ``[B, Hq, Sq, D]`` and k / v ``[B, Hkv, Sk, D]`` with D in {256, 512}, causal (optionally
 with a window), no softcap, no key padding mask, queries at the end of the keys. Everything else stays on the
@@ -34,6 +35,8 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK_M = 64
+#: Query rows of a program of the head_dim <= 256 kernel (64 per warpgroup).
+ROWS_BLOCK_M = 128
 NUM_WARPS = 8
 
 
@@ -244,6 +247,117 @@ def hopper_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o, win
     return None
 
 
+@gluon.jit
+def attention_hopper_rows_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS, SQ, SK, WL, qk_scale,
+                                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                     WRITE_LSE: gl.constexpr):
+    """Head dims up to 256: one program owns ``BLOCK_M = 128`` query rows, each warpgroup 64 of them with the whole
+    ``64 x HEAD_DIM`` accumulator (``warps_per_cta=[8, 1]``), so a warpgroup computes the scores of its own rows and
+    keeps its probabilities in registers as the A operand of ``P V`` (no exchange between warpgroups). K and V
+    stream through two-slot rings; one CTA barrier a step guards the refills. Arguments as
+    ``attention_hopper_fwd_kernel`` (grid ``(cdiv(Sq, 128), B * Hq)``)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_desc.dtype
+    p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    off_b = pid_bh // H_Q
+    off_h = pid_bh % H_Q
+    off_hk = off_h // GROUPS
+    start_m = pid_m * BLOCK_M
+    shift = SK - SQ
+    pos0 = start_m + shift
+    pos1 = gl.minimum(start_m + BLOCK_M, SQ) - 1 + shift
+    lo = (gl.maximum(pos0 - WL, 0) // BLOCK_N) * BLOCK_N
+    hi = gl.minimum(pos1 + 1, SK)
+    full_lo = gl.cdiv(gl.maximum(pos1 - WL, 0), BLOCK_N) * BLOCK_N
+    full_hi = (gl.minimum(pos0 + 1, SK) // BLOCK_N) * BLOCK_N
+    n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+    fence_async_shared()
+
+    _issue_load(q_desc, off_b, off_h, start_m, q_bar, q_smem)
+    for i in gl.static_range(2):
+        if i < n_blocks:
+            _issue_load(k_desc, off_b, off_hk, lo + i * BLOCK_N, k_bar.index(i), k_smem.index(i))
+            _issue_load(v_desc, off_b, off_hk, lo + i * BLOCK_N, v_bar.index(i), v_smem.index(i))
+
+    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    pos = pos0 + gl.arange(0, BLOCK_M, layout=row_s)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    l_part = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    mbarrier.wait(q_bar, 0)
+
+    mbarrier.wait(k_bar.index(0), 0)
+    s = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
+    p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo, full_lo, full_hi, SK, WL, qk_scale, BLOCK_N,
+                                           s_layout)
+    p_prev = gl.convert_layout(p.to(dtype), p_op)
+    gl.thread_barrier()
+    if 2 < n_blocks:
+        _issue_load(k_desc, off_b, off_hk, lo + 2 * BLOCK_N, k_bar.index(0), k_smem.index(0))
+
+    for j in range(1, n_blocks):
+        kslot = j % 2
+        vslot = 1 - kslot
+        start_n = lo + j * BLOCK_N
+        mbarrier.wait(k_bar.index(kslot), (j // 2) & 1)
+        kt = k_smem.index(kslot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(q2, kt, s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_bar.index(vslot), ((j - 1) // 2) & 1)
+        acc_tok = warpgroup_mma(p_prev, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, start_n, full_lo, full_hi, SK, WL, qk_scale,
+                                               BLOCK_N, s_layout)
+        acc, p_prev = warpgroup_mma_wait(0, deps=[acc_tok, p_prev])
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        p_prev = gl.convert_layout(p.to(dtype), p_op)
+        gl.thread_barrier()
+        if j + 2 < n_blocks:
+            _issue_load(k_desc, off_b, off_hk, start_n + 2 * BLOCK_N, k_bar.index(kslot), k_smem.index(kslot))
+        if j + 1 < n_blocks:
+            _issue_load(v_desc, off_b, off_hk, start_n + BLOCK_N, v_bar.index(vslot), v_smem.index(vslot))
+
+    last = n_blocks - 1
+    mbarrier.wait(v_bar.index(last % 2), (last // 2) & 1)
+    acc = warpgroup_mma(p_prev, v_smem.index(last % 2).reshape([BLOCK_N, HEAD_DIM]), acc)
+
+    l_i = gl.sum(l_part, 1)
+    nonempty = l_i > 0.0
+    l_safe = gl.where(nonempty, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+    q2.store(out.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, start_m, 0], q_smem)
+    if WRITE_LSE:
+        rows = start_m + gl.arange(0, BLOCK_M, layout=row_s)
+        lse = gl.where(nonempty, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
+    tma.store_wait(0)
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(2):
+        mbarrier.invalidate(k_bar.index(i))
+        mbarrier.invalidate(v_bar.index(i))
+
+
 #: Shared memory a block may use on sm_90, less room for the barriers and the reduction scratch.
 _SHARED_BUDGET = 232448 - 4096
 
@@ -257,22 +371,32 @@ def _stages(d: int, bn: int, want: int, rings: int) -> int:
 
 
 def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict) -> None:
-    """Launch ``attention_hopper_fwd_kernel`` into ``o`` (``[B, Hq, Sq, D]``) and ``lse`` (``[B, Hq, Sq]``
-    contiguous fp32, or None). Inputs as accepted by ``hopper_unsupported``.
+    """Launch ``attention_hopper_fwd_kernel`` (head_dim 512) or ``attention_hopper_rows_fwd_kernel`` (head_dim
+    256) into ``o`` (``[B, Hq, Sq, D]``) and ``lse`` (``[B, Hq, Sq]`` contiguous fp32, or None). Inputs as accepted
+    by ``hopper_unsupported``.
 
     ``config``: ``BLOCK_N`` keys per step with ``K_STAGES`` / ``V_STAGES`` (default 2 / 2) tiles in the K and V
     rings; when ``v`` is ``k``, ``KV_BLOCK_N`` (default ``BLOCK_N``) keys per step and ``KV_STAGES`` (default 3)
-    tiles in the one ring. Ring depths are cut to what fits shared memory."""
+    tiles in the one ring. Ring depths are cut to what fits shared memory. The head_dim-256 kernel takes
+    ``BLOCK_N`` only (two-tile K and V rings)."""
     from .fwd import _same_tensor
 
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    wl = (1 << 30) if window is None else int(window) - 1
+    if D <= 256:
+        bn = config["BLOCK_N"]
+        grid = (triton.cdiv(Sq, ROWS_BLOCK_M), B * Hq)
+        attention_hopper_rows_fwd_kernel[grid](
+            _descriptor(q, ROWS_BLOCK_M), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, ROWS_BLOCK_M),
+            lse if lse is not None else q, Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634,
+            HEAD_DIM=D, BLOCK_M=ROWS_BLOCK_M, BLOCK_N=bn, WRITE_LSE=lse is not None, num_warps=NUM_WARPS)
+        return
     kv_same = _same_tensor(k, v)
     bn = config.get("KV_BLOCK_N", config["BLOCK_N"]) if kv_same else config["BLOCK_N"]
     kv_stages = _stages(D, bn, config.get("KV_STAGES", 3), 1)
     k_stages = _stages(D, bn, config.get("K_STAGES", 2), 2)
     v_stages = _stages(D, bn, config.get("V_STAGES", 2), 2)
-    wl = (1 << 30) if window is None else int(window) - 1
     grid = (triton.cdiv(Sq, BLOCK_M), B * Hq)
     k_desc = _descriptor(k, bn)
     attention_hopper_fwd_kernel[grid](
