@@ -16,6 +16,9 @@ wrapper around the module (TransformerBridge's ``original_component``) are untou
   (same code; that family has no MoE).
 - ``FastGemma4TextRotaryEmbedding(Gemma4TextRotaryEmbedding)``: ``gemma4_fast.rotary`` (the tables of HF's default
   positions kept between calls; kind ``"rotary"``).
+- ``FastGemma4TextScaledWordEmbedding``, ``FastGemma4TextModel``: ``gemma4_fast.prologue`` (the embedding scale as a
+  Python number, the per-layer-input projection in one pass; kind ``"prologue"``). The text model keeps its HF
+  class's names too: transformers finds what a model can record (``output_hidden_states``) by ``str(class)``.
 - Top-level language models, kind ``"logits"`` (``gemma4_fast.logits``: the final logit softcap in place):
   ``FastGemma4ForCausalLM``, ``FastGemma4ForConditionalGeneration`` and, with ``gemma4_unified``,
   ``FastGemma4UnifiedForCausalLM`` / ``FastGemma4UnifiedForConditionalGeneration``. These keep their HF
@@ -31,8 +34,9 @@ from functools import lru_cache
 
 from transformers.models.gemma4.modeling_gemma4 import (Gemma4ForCausalLM, Gemma4ForConditionalGeneration,
                                                         Gemma4RMSNorm, Gemma4TextAttention, Gemma4TextDecoderLayer,
-                                                        Gemma4TextExperts, Gemma4TextMLP, Gemma4TextRotaryEmbedding,
-                                                        Gemma4TextRouter)
+                                                        Gemma4TextExperts, Gemma4TextMLP, Gemma4TextModel,
+                                                        Gemma4TextRotaryEmbedding, Gemma4TextRouter,
+                                                        Gemma4TextScaledWordEmbedding)
 
 from .attention import FastAttentionMixin
 from .layer import FastDecoderLayerMixin
@@ -40,9 +44,10 @@ from .logits import FastLogitsMixin
 from .mlp import FastMLPMixin
 from .moe import FastExpertsMixin, FastRouterMixin
 from .norm import FastRMSNormMixin
+from .prologue import FastScaledEmbeddingMixin, FastTextModelMixin
 from .rotary import FastRotaryMixin
 
-KINDS = ("attention", "rms_norm", "router", "experts", "mlp", "residual", "rotary", "logits")
+KINDS = ("attention", "rms_norm", "router", "experts", "mlp", "residual", "rotary", "prologue", "logits")
 
 
 def _hf_named(fast: type, hf: type) -> type:
@@ -79,6 +84,14 @@ class FastGemma4TextRotaryEmbedding(FastRotaryMixin, Gemma4TextRotaryEmbedding):
     """``Gemma4TextRotaryEmbedding`` keeping the tables of the default positions (``gemma4_fast.rotary``)."""
 
 
+class FastGemma4TextScaledWordEmbedding(FastScaledEmbeddingMixin, Gemma4TextScaledWordEmbedding):
+    """``Gemma4TextScaledWordEmbedding`` scaling by a Python number in place (``gemma4_fast.prologue``)."""
+
+
+class FastGemma4TextModel(FastTextModelMixin, Gemma4TextModel):
+    """``Gemma4TextModel`` with the per-layer-input projection in one pass (``gemma4_fast.prologue``)."""
+
+
 class FastGemma4ForCausalLM(FastLogitsMixin, Gemma4ForCausalLM):
     """``Gemma4ForCausalLM`` with the final logit softcap in place (``gemma4_fast.logits``)."""
 
@@ -87,6 +100,7 @@ class FastGemma4ForConditionalGeneration(FastLogitsMixin, Gemma4ForConditionalGe
     """``Gemma4ForConditionalGeneration`` with the final logit softcap in place (``gemma4_fast.logits``)."""
 
 
+_hf_named(FastGemma4TextModel, Gemma4TextModel)  # transformers keys its output-capture registry on str(class)
 _hf_named(FastGemma4ForCausalLM, Gemma4ForCausalLM)
 _hf_named(FastGemma4ForConditionalGeneration, Gemma4ForConditionalGeneration)
 
@@ -146,6 +160,8 @@ def fast_class_map() -> dict:
         Gemma4TextMLP: (FastGemma4TextMLP, "mlp"),
         Gemma4TextDecoderLayer: (FastGemma4TextDecoderLayer, "residual"),
         Gemma4TextRotaryEmbedding: (FastGemma4TextRotaryEmbedding, "rotary"),
+        Gemma4TextScaledWordEmbedding: (FastGemma4TextScaledWordEmbedding, "prologue"),
+        Gemma4TextModel: (FastGemma4TextModel, "prologue"),
         Gemma4ForCausalLM: (FastGemma4ForCausalLM, "logits"),
         Gemma4ForConditionalGeneration: (FastGemma4ForConditionalGeneration, "logits"),
     }

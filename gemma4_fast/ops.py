@@ -147,13 +147,13 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, bac
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *,
                       next_weight: Optional[torch.Tensor] = None, next_eps: Optional[float] = None,
-                      out_scale: Optional[torch.Tensor] = None, backend: str = "auto"):
-    """``gemma4_fast.kernels.rmsnorm.rms_norm_residual`` or its naive twin: ``residual + rms_norm(x, weight)``
-    (HF order), times the one-element ``out_scale`` when given (HF's ``*= layer_scalar``), and
-    ``rms_norm(out, next_weight)`` when given. Under autograd the naive twin runs."""
+                      out_scale=None, x_scale: Optional[float] = None, backend: str = "auto"):
+    """``gemma4_fast.kernels.rmsnorm.rms_norm_residual`` or its naive twin: ``residual + rms_norm(x * x_scale,
+    weight)`` (HF order), times ``out_scale`` (a one-element tensor, HF's ``*= layer_scalar``, or a float) when
+    given, and ``rms_norm(out, next_weight)`` when given. Under autograd the naive twin runs."""
     b = resolve(backend, "rms_norm_residual", x, residual, weight, next_weight)
     return _run("rmsnorm", "rms_norm_residual", b, (x, residual, weight),
-                dict(eps=eps, next_weight=next_weight, next_eps=next_eps, out_scale=out_scale))
+                dict(eps=eps, next_weight=next_weight, next_eps=next_eps, out_scale=out_scale, x_scale=x_scale))
 
 
 def rms_norm_pair_residual(x1: torch.Tensor, x2: torch.Tensor, residual: torch.Tensor, w1: torch.Tensor,

@@ -209,6 +209,12 @@ def _resolve_backend(backend: str, probe: Optional[torch.Tensor]) -> tuple[Optio
     return "torch", f"{why}: torch backend"
 
 
+def _without_ple(module: nn.Module) -> bool:
+    """A text model without per-layer inputs: its ``"prologue"`` patch would have nothing to fuse (not a candidate;
+    its scaled embeddings still are)."""
+    return hasattr(module, "project_per_layer_inputs") and not getattr(module, "hidden_size_per_layer_input", 0)
+
+
 def _module_unsupported(kind: str, module: nn.Module) -> Optional[str]:
     if kind == "experts":
         from .registration import _experts_unsupported
@@ -226,7 +232,8 @@ def _module_unsupported(kind: str, module: nn.Module) -> Optional[str]:
 
 
 def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = True, moe: bool = True,
-                rms_norm: bool = True, mlp: bool = True, rotary: bool = True, logits: bool = True) -> PatchReport:
+                rms_norm: bool = True, mlp: bool = True, rotary: bool = True, prologue: bool = True,
+                logits: bool = True) -> PatchReport:
     """Swap the text path's Gemma 4 modules for the fast ones, in place; returns a ``PatchReport``.
 
     Args:
@@ -246,6 +253,9 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
         rotary: patch ``Gemma4TextRotaryEmbedding``: the ``(cos, sin)`` tables of HF's default positions (calls
             the patched top-level forward marks: no positions, mask or cache given) are kept between calls
             (``gemma4_fast.rotary``); every other call computes them as HF does.
+        prologue: patch ``Gemma4TextScaledWordEmbedding`` (the embedding scale applied as a Python number, in
+            place) and, on models with per-layer inputs, ``Gemma4TextModel`` (the per-layer-input projection's
+            scale, norm, sum and product in one pass while its norm is unobserved; ``gemma4_fast.prologue``).
         logits: patch the top-level ``Gemma4ForCausalLM`` / ``Gemma4ForConditionalGeneration`` (and the
             unified twins): the final logit softcap ``cap * tanh(logits / cap)`` runs once, in place on the
             returned logits (``gemma4_fast.logits``), whenever no labels are given, the call returns a
@@ -260,7 +270,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     register()
     GENERATION += 1
     enabled = {"attention": attention, "rms_norm": rms_norm, "router": moe, "experts": moe, "mlp": mlp,
-               "residual": rms_norm, "rotary": rotary, "logits": logits}
+               "residual": rms_norm, "rotary": rotary, "prologue": prologue, "logits": logits}
     table = fast_class_map()
     fast_set = set(fast_classes())
     hf_for_fast = {fast: hf for hf, (fast, _) in table.items()}
@@ -282,6 +292,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
             if match is None:
                 continue
             hf, (fast_cls, kind) = match
+            if kind == "prologue" and _without_ple(module):
+                continue
             if cls is not hf:
                 report.modules.append(ModuleReport(name, kind, _layer_of(name), False,
                                                    reason=f"subclass {cls.__name__} of {hf.__name__}: not patched"))
@@ -359,6 +371,7 @@ def unpatch_model(model: nn.Module) -> int:
         module.__dict__.pop("_g4f_hooks", None)
         module.__dict__.pop("_g4f_rotary_tables", None)
         module.__dict__.pop("_g4f_positions_kept", None)
+        module.__dict__.pop("_g4f_embed_scale", None)
         if _ATTN in module.__dict__:
             old = module.__dict__.pop(_ATTN)
             config = getattr(module, "config", None)

@@ -440,7 +440,7 @@ def _signature(kernel, dtype="bf16"):
             sig[n] = "i32"
         elif n in ("sx0", "sx1", "sx2", "sr0", "sr1", "sr2"):
             sig[n] = "i64"
-        elif n in ("eps", "eps2", "eps1"):
+        elif n in ("eps", "eps2", "eps1", "s_in", "s_mul"):
             sig[n] = "fp32"
     return names, sig
 
@@ -480,7 +480,7 @@ def _constexprs(bn, cfg, residual):
     base = dict(LEAD=3, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, PERSISTENT=persistent,
                 NUM_STAGES=cfg.get("NUM_STAGES", 1))
     if residual:
-        return dict(HAS_W=True, HAS_NEXT=True, HAS_OUT_SCALE=True, **base)
+        return dict(HAS_W=True, HAS_NEXT=True, HAS_OUT_SCALE=True, HAS_IN_SCALE=True, HAS_OUT_MUL=True, **base)
     return dict(HAS_W=True, WRITE_SCALE=True, WRITE_NORMED=True, **base)
 
 

@@ -56,7 +56,8 @@ def rms_norm_naive(x: torch.Tensor, weight: torch.Tensor | None = None, eps: flo
 
 def rms_norm_residual_naive(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                             eps: float = 1e-6, *, next_weight: torch.Tensor | None = None,
-                            next_eps: float | None = None, out_scale: torch.Tensor | None = None):
+                            next_eps: float | None = None, out_scale: torch.Tensor | float | None = None,
+                            x_scale: float | None = None):
     """``out = residual + rms_norm(x, weight)`` (HF order), optionally with the next pre-norm of ``out``.
 
     Args:
@@ -67,12 +68,18 @@ def rms_norm_residual_naive(x: torch.Tensor, residual: torch.Tensor, weight: tor
         eps: the post-norm epsilon.
         next_weight: ``[D]`` or None; when given also return ``rms_norm(out, next_weight, next_eps)``.
         next_eps: epsilon of the next norm (defaults to ``eps``).
-        out_scale: None or a one-element tensor: ``out`` is then multiplied by it in place (HF's
-            ``hidden_states *= self.layer_scalar`` at the end of the decoder layer), before the next norm.
+        out_scale: None, a one-element tensor or a Python float: ``out`` is then multiplied by it in place (HF's
+            ``hidden_states *= self.layer_scalar`` at the end of the decoder layer; with a float, the
+            ``(projection + per_layer_inputs) * per_layer_input_scale`` of ``Gemma4TextModel
+            .project_per_layer_inputs``), before the next norm.
+        x_scale: None or a Python float multiplying x first, in x's dtype (that method's
+            ``per_layer_model_projection(x) * per_layer_model_projection_scale``).
 
     Returns:
         ``out``, or ``(out, next_normed)`` when ``next_weight`` is given.
     """
+    if x_scale is not None:
+        x = x * x_scale
     out = residual + rms_norm_naive(x, weight, eps)
     if out_scale is not None:
         out = out.mul_(out_scale)

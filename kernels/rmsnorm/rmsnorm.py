@@ -114,9 +114,10 @@ def rms_norm_fwd_kernel(
 
 
 @triton.jit
-def _residual_block(blk, X, R, OUT, NEXT, w, w2, s_out, cols, cmask, n_rows, D, N1, N2,
+def _residual_block(blk, X, R, OUT, NEXT, w, w2, s_out, s_in, s_mul, cols, cmask, n_rows, D, N1, N2,
                     sx0, sx1, sx2, sr0, sr1, sr2, eps, eps2,
-                    HAS_W: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, LEAD: tl.constexpr,
+                    HAS_W: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+                    HAS_IN_SCALE: tl.constexpr, HAS_OUT_MUL: tl.constexpr, LEAD: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n_rows
@@ -125,6 +126,8 @@ def _residual_block(blk, X, R, OUT, NEXT, w, w2, s_out, cols, cmask, n_rows, D, 
     roff = _row_offsets(rows, N1, N2, sr0, sr1, sr2, LEAD)
     x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     r = tl.load(R + roff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_IN_SCALE:
+        x = (x * s_in).to(X.dtype.element_ty).to(tl.float32)
     h = x * _inv_rms(x, D, eps)[:, None]
     if HAS_W:
         h = h * w[None, :]
@@ -132,6 +135,8 @@ def _residual_block(blk, X, R, OUT, NEXT, w, w2, s_out, cols, cmask, n_rows, D, 
     out = (r + h).to(OUT.dtype.element_ty)
     if HAS_OUT_SCALE:
         out = (out.to(tl.float32) * s_out).to(OUT.dtype.element_ty)
+    if HAS_OUT_MUL:
+        out = (out.to(tl.float32) * s_mul).to(OUT.dtype.element_ty)
     ooff = rows.to(tl.int64) * D
     tl.store(OUT + ooff[:, None] + cols[None, :], out, mask=mask)
     if HAS_NEXT:
@@ -143,13 +148,16 @@ def _residual_block(blk, X, R, OUT, NEXT, w, w2, s_out, cols, cmask, n_rows, D, 
 @triton.jit
 def rms_norm_residual_fwd_kernel(
     X, R, W, W2, S_OUT, OUT, NEXT,
-    n_rows, n_blocks, nprog, D, N1, N2, sx0, sx1, sx2, sr0, sr1, sr2, eps, eps2,
-    HAS_W: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, LEAD: tl.constexpr,
+    n_rows, n_blocks, nprog, D, N1, N2, sx0, sx1, sx2, sr0, sr1, sr2, eps, eps2, s_in, s_mul,
+    HAS_W: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
+    HAS_OUT_MUL: tl.constexpr, LEAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """OUT = R + (rms_norm(X) * W cast to X's dtype), rounded to OUT's dtype; with ``HAS_OUT_SCALE`` that sum
-    times the one-element ``S_OUT`` (fp32 product, rounded again: HF's ``hidden *= layer_scalar``); optionally
-    NEXT = rms_norm(OUT) * W2 in OUT's dtype. OUT and NEXT are contiguous ``[n_rows, D]``.
+    times the one-element ``S_OUT`` (fp32 product, rounded again: HF's ``hidden *= layer_scalar``); with
+    ``HAS_IN_SCALE`` X is first multiplied by the scalar ``s_in`` and rounded to its dtype, with ``HAS_OUT_MUL`` OUT
+    is multiplied by the scalar ``s_mul`` and rounded again (HF's ``linear(x) * s`` and ``(a + b) * s`` of the
+    per-layer-input projection); optionally NEXT = rms_norm(OUT) * W2 in OUT's dtype. OUT and NEXT are contiguous ``[n_rows, D]``.
     Grid as in ``rms_norm_fwd_kernel``."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -168,11 +176,13 @@ def rms_norm_residual_fwd_kernel(
         s_out = 1.0
     if PERSISTENT:
         for blk in tl.range(pid, n_blocks, nprog, num_stages=NUM_STAGES):
-            _residual_block(blk, X, R, OUT, NEXT, w, w2, s_out, cols, cmask, n_rows, D, N1, N2,
-                            sx0, sx1, sx2, sr0, sr1, sr2, eps, eps2, HAS_W, HAS_NEXT, HAS_OUT_SCALE, LEAD, BLOCK_M)
+            _residual_block(blk, X, R, OUT, NEXT, w, w2, s_out, s_in, s_mul, cols, cmask, n_rows, D, N1, N2,
+                            sx0, sx1, sx2, sr0, sr1, sr2, eps, eps2, HAS_W, HAS_NEXT, HAS_OUT_SCALE, HAS_IN_SCALE,
+                            HAS_OUT_MUL, LEAD, BLOCK_M)
     else:
-        _residual_block(pid, X, R, OUT, NEXT, w, w2, s_out, cols, cmask, n_rows, D, N1, N2,
-                        sx0, sx1, sx2, sr0, sr1, sr2, eps, eps2, HAS_W, HAS_NEXT, HAS_OUT_SCALE, LEAD, BLOCK_M)
+        _residual_block(pid, X, R, OUT, NEXT, w, w2, s_out, s_in, s_mul, cols, cmask, n_rows, D, N1, N2,
+                        sx0, sx1, sx2, sr0, sr1, sr2, eps, eps2, HAS_W, HAS_NEXT, HAS_OUT_SCALE, HAS_IN_SCALE,
+                        HAS_OUT_MUL, LEAD, BLOCK_M)
 
 
 @triton.jit
@@ -388,9 +398,10 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, y: to
 def rms_norm_residual_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
                           out: torch.Tensor, next_weight: torch.Tensor | None, next_eps: float,
                           next_out: torch.Tensor | None, cfg: dict[str, int],
-                          out_scale: torch.Tensor | None = None) -> None:
+                          out_scale: torch.Tensor | None = None, x_scale: float | None = None,
+                          out_mul: float | None = None) -> None:
     """Launch ``rms_norm_residual_fwd_kernel`` into contiguous ``out`` (and ``next_out``); ``out_scale`` a
-    one-element tensor on x's device or None. No validation."""
+    one-element tensor on x's device or None; ``x_scale`` / ``out_mul`` Python floats or None. No validation."""
     D = x.shape[-1]
     n_rows = out.numel() // D
     ts, sizes, (sx, sr), lead = _prepare({"x": x, "residual": residual})
@@ -400,9 +411,10 @@ def rms_norm_residual_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch
         rms_norm_residual_fwd_kernel[(nprog,)](
             x, residual, weight, next_weight, out_scale, out, next_out,
             n_rows, n_blocks, nprog, D, sizes[1], sizes[2], sx[0], sx[1], sx[2], sr[0], sr[1], sr[2],
-            float(eps), float(next_eps),
+            float(eps), float(next_eps), 1.0 if x_scale is None else float(x_scale),
+            1.0 if out_mul is None else float(out_mul),
             HAS_W=weight is not None, HAS_NEXT=next_weight is not None, HAS_OUT_SCALE=out_scale is not None,
-            LEAD=lead,
+            HAS_IN_SCALE=x_scale is not None, HAS_OUT_MUL=out_mul is not None, LEAD=lead,
             BLOCK_N=next_power_of_2(D), **_launch_opts(cfg, n_blocks, nprog))
 
 
@@ -511,7 +523,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                       eps: float = 1e-6, *, next_weight: torch.Tensor | None = None,
-                      next_eps: float | None = None, out_scale: torch.Tensor | None = None):
+                      next_eps: float | None = None, out_scale: torch.Tensor | float | None = None,
+                      x_scale: float | None = None):
     """``out = residual + rms_norm(x, weight)`` in one pass, optionally with ``rms_norm(out, next_weight)``.
 
     The HF decoder-layer pattern ``hidden = residual + post_norm(h)`` followed by the next
@@ -527,9 +540,12 @@ def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
         eps: that norm's epsilon.
         next_weight: ``[D]`` or None; when given, also compute the next pre-norm of ``out``.
         next_eps: the next norm's epsilon (defaults to ``eps``).
-        out_scale: None, or a one-element float tensor on x's device (HF's ``layer_scalar`` buffer): ``out`` is
-            then the rounded sum times it, rounded again to ``out``'s dtype (HF's ``hidden *= layer_scalar``
-            after the add); ``next_normed`` is the norm of that scaled ``out``.
+        out_scale: None, a one-element float tensor on x's device (HF's ``layer_scalar`` buffer) or a Python
+            float: ``out`` is then the rounded sum times it, rounded again to ``out``'s dtype (HF's
+            ``hidden *= layer_scalar`` after the add, or ``(a + b) * s``); ``next_normed`` is the norm of that
+            scaled ``out``.
+        x_scale: None or a Python float: x is first multiplied by it and rounded to its dtype (HF's
+            ``linear(x) * s`` ahead of the per-layer-input projection norm).
 
     Returns:
         ``out`` (x's shape, contiguous) without ``next_weight``; ``(out, next_normed)`` with it,
@@ -550,13 +566,19 @@ def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     D = x.shape[-1]
     _check_weight("weight", weight, D, x.device)
     _check_weight("next_weight", next_weight, D, x.device)
-    if out_scale is not None:
+    out_mul = None
+    if isinstance(out_scale, (int, float)) and not isinstance(out_scale, bool):
+        out_mul, out_scale = float(out_scale), None
+    elif out_scale is not None:
         _check_tensor("out_scale", out_scale, x.device)
         if out_scale.numel() != 1:
             raise ValueError(f"out_scale must hold one element, got shape {tuple(out_scale.shape)}")
+    if x_scale is not None and (isinstance(x_scale, bool) or not isinstance(x_scale, (int, float))):
+        raise TypeError(f"x_scale must be a Python float or None, got {type(x_scale).__name__}")
     next_eps = eps if next_eps is None else next_eps
     args = (x, residual, weight, eps)
-    kw = dict(next_weight=next_weight, next_eps=next_eps, out_scale=out_scale)
+    kw = dict(next_weight=next_weight, next_eps=next_eps, out_scale=out_scale if out_mul is None else out_mul,
+              x_scale=x_scale)
     if torch.is_grad_enabled() and needs_grad(x, residual, weight, next_weight, out_scale):
         log_once("grad-rms_norm_residual", "rms_norm_residual: gradients requested; using the naive op")
         return rms_norm_residual_naive(*args, **kw)
@@ -571,7 +593,7 @@ def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     nxt = torch.empty_like(out) if next_weight is not None else None
     rms_norm_residual_fwd(x, residual, weight, eps, out, next_weight, next_eps, nxt,
-                          pick_config(x, D, x.numel() // D), out_scale=out_scale)
+                          pick_config(x, D, x.numel() // D), out_scale=out_scale, x_scale=x_scale, out_mul=out_mul)
     return out if nxt is None else (out, nxt)
 
 
