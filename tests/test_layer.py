@@ -51,8 +51,9 @@ def test_fused_layers_match_hf(name, fused_calls):
         n = fast.config.num_hidden_layers
         assert fused == total == n
         moe = fast.config.enable_moe_block
-        per_layer = 3 if fast.config.hidden_size_per_layer_input else (1 if moe else 2)
-        assert len(fused_calls) == n * per_layer
+        ple = bool(fast.config.hidden_size_per_layer_input)
+        per_layer = 3 if ple else (1 if moe else 2)
+        assert len(fused_calls) == n * per_layer + ple  # + the prologue's per-layer-input projection (no next norm)
         assert sum(fused_calls) == n
     unpatch_model(fast)
     assert type(fast.model.layers[0]) is type(ref.model.layers[0])
@@ -83,8 +84,8 @@ def test_layer_scalar_and_ple_gate_fused(name, backend, monkeypatch):
         want = ref(ids, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     n = fast.config.num_hidden_layers
-    assert sum(scaled) == n
     ple = fast.config.hidden_size_per_layer_input
+    assert sum(scaled) == n + bool(ple)  # + the prologue's per-layer-input projection (a float out_scale)
     assert gates.count(ple) == (n if ple and backend == "triton" else 0)
 
 
@@ -100,7 +101,7 @@ def test_a_hook_on_a_norm_runs_hf_forward(fused_calls):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     torch.testing.assert_close(seen[0], seen_ref[0], rtol=1e-4, atol=1e-5)
     layers = fast.config.num_hidden_layers
-    assert len(fused_calls) == 3 * (layers - 1)
+    assert len(fused_calls) == 3 * (layers - 1) + 1  # + the prologue's per-layer-input projection
     fused_calls.clear()
     handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
     try:
