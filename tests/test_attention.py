@@ -488,8 +488,8 @@ def test_hopper_kernel_gpu(case, cfg):
 
 @pytest.mark.cuda
 def test_hopper_dispatch_gpu(poison, monkeypatch):
-    """On sm_90 the public op sends a head_dim-512 causal bf16 prefill to the Hopper kernel and padded or
-    softcapped calls to the portable one (same results either way)."""
+    """On sm_90 (with the H100 table) the public op sends a head_dim-512 causal bf16 prefill and a 9k-key head_dim-256
+    causal one to the Hopper kernels, padded or softcapped calls to the portable one (same results either way)."""
     from gemma4_fast.kernels.attention import hopper as H
     _need_hopper()
     calls = []
@@ -500,3 +500,5 @@ def test_hopper_dispatch_gpu(poison, monkeypatch):
     gpu_case(1, 8, 1, 515, 515, 512, pad=[7], scale=1.0)
     gpu_case(1, 8, 1, 515, 515, 512, softcap=50.0, scale=1.0)
     assert calls == [1]
+    gpu_case(1, 2, 1, 9001, 9001, 256)  # head_dim 256, causal, 16k bucket: the table names the Hopper kernel
+    assert calls == [1, 1]
