@@ -226,7 +226,8 @@ def match_anchor(anchors: list[dict], model: str, what: str, S: Any, new: Any = 
 
 
 def model_groups(rows: list[dict]) -> list[tuple[tuple[str, str, Any], dict[str, dict]]]:
-    """Rows grouped by (model, what, S) in first-seen order: ``{impl: row}`` (the last row of each wins)."""
+    """Rows grouped by (model, what, S) in first-seen order: ``{impl: row}`` (the last row of each wins); a group
+    whose only rows were variants (e.g. a run of graph rows alone) is dropped, its variant group kept."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if "what" not in r or "impl" not in r:
@@ -238,7 +239,7 @@ def model_groups(rows: list[dict]) -> list[tuple[tuple[str, str, Any], dict[str,
                 variant = {i: r for i, r in impls.items() if i in BASELINES}
                 variant[FAST] = impls.pop(impl)
                 groups[(model, what + suffix, S)] = variant
-    return list(groups.items())
+    return [(key, impls) for key, impls in groups.items() if impls]
 
 
 def ms_of(row: Optional[dict]) -> Optional[float]:

@@ -323,3 +323,15 @@ def test_cuda_bench_row_logic_with_a_stand_in_device(monkeypatch):
     row2 = cb(lambda: None, rep=10, what="w2")
     assert row2["ms"] == 2.0 and row2["rep"] == 10 and "ms_in_call" in row2 and "peak_gib" not in row2
     assert conf.suite_of(type("M", (), {"__file__": "/x/bench_attention.py"})) == "attention"
+
+
+def test_report_groups_a_run_of_graph_rows_alone():
+    """A model run selecting only prefill-graph rows (no baseline, no eager fast row) still reports them."""
+    report = _load("report")
+    rows = [{"model": "E2B", "what": "hf_forward", "S": 8192, "impl": "graph", "ms": 27.8},
+            {"model": "E2B", "what": "bridge_forward", "S": 8192, "impl": "graph", "ms": 84.3}]
+    groups = report.model_groups(rows)
+    assert [key for key, _ in groups] == [("E2B", "hf_forward_graph", 8192), ("E2B", "bridge_forward_graph", 8192)]
+    out = report.model_rows({"rows": rows}, [], {})
+    assert [(r["what"], r["fast_ms"], r["base_ms"]) for r in out] == [("hf_forward_graph", 27.8, None),
+                                                                       ("bridge_forward_graph", 84.3, None)]
