@@ -504,3 +504,22 @@ def test_hopper_dispatch_gpu(poison, monkeypatch):
     if configs.select_config("fwd", 256, torch.bfloat16, "causal", 9001, torch.device("cuda")).get("HOPPER"):
         gpu_case(1, 2, 1, 9001, 9001, 256)  # head_dim 256, causal, 16k bucket: the H100 table's Hopper entry
         assert calls == [1, 1]
+
+
+def test_hopper_config_policy_on_cpu(monkeypatch):
+    """The H100 generator leads with the Hopper kernel at head_dim 512; a pinned config never carries it; the
+    portable fallback config is the first non-Hopper candidate; CPU tensors are refused with a logged reason; ring
+    depths are cut to shared memory."""
+    from gemma4_fast.kernels.attention import configs, hopper
+    assert configs.attention_fwd_configs(512, 2, 90)[0].get("HOPPER") == 1
+    assert not any(c.get("HOPPER") for c in configs.attention_fwd_configs(512, 2, 80))
+    assert not configs.portable_config(512, 2, 90).get("HOPPER")
+    assert configs.portable_config(512, 2, 90) == configs.attention_fwd_configs(512, 2, 90)[1]
+    monkeypatch.setenv(configs.ENV_FWD, CPU_TILES[configs.ENV_FWD])
+    assert "HOPPER" not in configs.select_config("fwd", 512, torch.float16, "causal", 100, torch.device("cpu"))
+    q = torch.randn(1, 2, 8, 512, dtype=torch.float16)
+    assert not api._try_hopper(q, q[:, :1], q[:, :1], torch.empty_like(q), None, None, 1.0, None, None, True,
+                               {"BLOCK_N": 32})
+    assert hopper.hopper_unsupported(q, q, q, q, None, None, True, None) == "does not run on an sm_90 GPU"
+    assert hopper._stages(512, 32, 2, 2) == 2 and hopper._stages(512, 64, 2, 2) == 1
+    assert hopper._stages(512, 64, 3, 1) == 2 and hopper._stages(512, 32, 3, 1) == 3

@@ -207,17 +207,28 @@ def _launch(q, k, v, o, lse, kpm, scale, window, softcap, causal, write_o: bool 
         else:
             cfg = _configs.select_config("fwd", D, q.dtype, mode, Sk, q.device)
             if cfg.get("HOPPER"):
-                from .hopper import attention_hopper_fwd, hopper_unsupported
-                why = hopper_unsupported(q, k, v, o if write_o else None, window, softcap, causal, kpm)
-                if why is None:
-                    attention_hopper_fwd(q, k, v, o, lse, scale=scale, window=window, config=cfg)
+                if _try_hopper(q, k, v, o if write_o else None, lse, kpm, scale, window, softcap, causal, cfg):
                     return
-                log_once(f"attention-hopper-{why}", "attention: a head_dim-%d call %s; using the portable kernel",
-                         D, why)
                 cfg = _configs.portable_config(D, q.element_size(), _configs.capability_of(q.device))
             cfg.setdefault("HEADS_INNER", int(_configs.heads_inner_default(D, window, causal, Sq)))
             attention_fwd(q, k, v, o if write_o else None, lse, kpm, scale=scale, window=window,
                           softcap=softcap, causal=causal, config=cfg, write_o=write_o)
+
+
+def _try_hopper(q, k, v, o, lse, kpm, scale, window, softcap, causal, cfg) -> bool:
+    """Run the Gluon sm_90 prefill kernel (``hopper.py``) when it takes the call; otherwise log why (once per
+    reason) and return False so the caller runs the portable kernel."""
+    try:
+        from .hopper import attention_hopper_fwd, hopper_unsupported
+    except ImportError:
+        why = "needs Triton's Gluon Hopper API (Triton >= 3.6)"
+    else:
+        why = hopper_unsupported(q, k, v, o, window, softcap, causal, kpm)
+        if why is None:
+            attention_hopper_fwd(q, k, v, o, lse, scale=scale, window=window, config=cfg)
+            return True
+    log_once(f"attention-hopper-{why}", "attention: a head_dim-%d call %s; using the portable kernel", q.shape[3], why)
+    return False
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None,
