@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common import print_table, write_results
+from common import graph_ms, print_table, write_results
 
 CHECKS = [  # D, B, Hq, Hkv, Sq, Sk, window, hf_layout, k_is_v
     (512, 1, 8, 1, 1000, 1000, None, True, False),
@@ -53,23 +53,6 @@ def _inputs(D, B, Hq, Hkv, Sq, Sk, hf_layout, k_is_v, seed=0):
         v = k if k_is_v else torch.randn(B, Hkv, Sk, D, device="cuda", generator=g)
     # Gemma 4 normalises q and k (scale 1.0): unit-RMS rows keep the scores in a realistic range
     return q, k, v
-
-
-def _graph_ms(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def check():
@@ -142,7 +125,7 @@ def timing():
         times = {name: [] for name in runs}
         for _ in range(3):
             for name, fn in runs.items():
-                times[name].append(_graph_ms(fn))
+                times[name].append(graph_ms(fn))
         pairs = S * W - W * (W - 1) // 2 if W else S * (S + 1) // 2
         flops = 4.0 * pairs * D * Hq
         tp = statistics.median(times["portable"])

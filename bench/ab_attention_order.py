@@ -13,28 +13,11 @@ import statistics
 
 import torch
 
-from common import write_results, print_table
+from common import graph_ms, print_table, write_results
 
 
 CASES = [(512, 16, 2, S, None) for S in (4096, 8192, 16384)] + [(256, 16, 8, S, None) for S in (4096, 16384)] + \
     [(512, 8, 1, S, None) for S in (4096, 8192)] + [(256, 8, 1, 8192, 512)]
-
-
-def _graph_ms(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def main():
@@ -53,7 +36,7 @@ def main():
         for _ in range(3):
             for order in (1, 0):
                 c = dict(cfg, HEADS_INNER=order)
-                times[order].append(_graph_ms(lambda: fwd.attention_fwd(q, k, v, outs[order], None, None, scale=1.0,
+                times[order].append(graph_ms(lambda: fwd.attention_fwd(q, k, v, outs[order], None, None, scale=1.0,
                                                                           window=W, softcap=None, causal=True,
                                                                           config=c)))
         pairs = S * W - W * (W - 1) // 2 if W else S * (S + 1) // 2

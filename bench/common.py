@@ -81,6 +81,25 @@ def cuda_time_ms(fn: Callable[[], Any], *, warmup: int = 5, rep: int = 30,
     return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "rep": rep}
 
 
+def graph_ms(fn: Callable[[], Any], reps: int = 20) -> float:
+    """Mean GPU time (ms) of ``fn`` as a CUDA-graph replay: one eager warm-up, capture, one replay, then ``reps``
+    replays between two events (for A/B scripts that compare kernels without the launch's host time)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
 def ceilings(size_mb: int = 1024, mm: int = 8192) -> dict[str, float]:
     """Measured copy bandwidth (TB/s, read+write bytes) and bf16 matmul TFLOP/s on the current GPU."""
     n = size_mb * 2**20 // 2

@@ -71,6 +71,43 @@ def _softmax_block(s, m_i, l_part, pos, start_n, full_lo, full_hi, SK, WL, qk_sc
 
 
 @gluon.jit
+def _program_band(H_Q, GROUPS, SQ, SK, WL, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """This program's (batch, head) and query block, heaviest first, and its key band: blocks from ``lo``
+    (``n_blocks`` of them), those in ``[full_lo, full_hi)`` visible to every row. Causal, ``WL = window - 1``."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    off_b = pid_bh // H_Q
+    off_h = pid_bh % H_Q
+    start_m = pid_m * BLOCK_M
+    shift = SK - SQ
+    pos0 = start_m + shift
+    pos1 = gl.minimum(start_m + BLOCK_M, SQ) - 1 + shift
+    lo = (gl.maximum(pos0 - WL, 0) // BLOCK_N) * BLOCK_N
+    hi = gl.minimum(pos1 + 1, SK)
+    full_lo = gl.cdiv(gl.maximum(pos1 - WL, 0), BLOCK_N) * BLOCK_N
+    full_hi = (gl.minimum(pos0 + 1, SK) // BLOCK_N) * BLOCK_N
+    return pid_bh, off_b, off_h, off_h // GROUPS, start_m, pos0, lo, full_lo, full_hi, gl.cdiv(hi - lo, BLOCK_N)
+
+
+@gluon.jit
+def _epilogue(acc, l_part, m_i, q_smem, q2, o_desc, LSE, pid_bh, off_b, off_h, start_m, SQ, BLOCK_M: gl.constexpr,
+              row_s: gl.constexpr, row_o: gl.constexpr, WRITE_LSE: gl.constexpr):
+    """Normalise, write O through the Q tile's shared memory by TMA (rows past the queries clipped), and the LSE."""
+    l_i = gl.sum(l_part, 1)
+    nonempty = l_i > 0.0
+    l_safe = gl.where(nonempty, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+    q2.store(out.to(q2.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, start_m, 0], q_smem)
+    if WRITE_LSE:
+        rows = start_m + gl.arange(0, BLOCK_M, layout=row_s)
+        lse = gl.where(nonempty, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
+    tma.store_wait(0)
+
+
+@gluon.jit
 def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS, SQ, SK, WL, qk_scale,
                                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                 KV_SAME: gl.constexpr, KV_STAGES: gl.constexpr, K_STAGES: gl.constexpr,
@@ -96,20 +133,8 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     NK: gl.constexpr = KV_STAGES if KV_SAME else K_STAGES
     NV: gl.constexpr = KV_STAGES if KV_SAME else V_STAGES
 
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    off_b = pid_bh // H_Q
-    off_h = pid_bh % H_Q
-    off_hk = off_h // GROUPS
-    start_m = pid_m * BLOCK_M
-    shift = SK - SQ
-    pos0 = start_m + shift
-    pos1 = gl.minimum(start_m + BLOCK_M, SQ) - 1 + shift
-    lo = (gl.maximum(pos0 - WL, 0) // BLOCK_N) * BLOCK_N
-    hi = gl.minimum(pos1 + 1, SK)
-    full_lo = gl.cdiv(gl.maximum(pos1 - WL, 0), BLOCK_N) * BLOCK_N
-    full_hi = (gl.minimum(pos0 + 1, SK) // BLOCK_N) * BLOCK_N
-    n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+    pid_bh, off_b, off_h, off_hk, start_m, pos0, lo, full_lo, full_hi, n_blocks = _program_band(
+        H_Q, GROUPS, SQ, SK, WL, BLOCK_M, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [NK, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -191,18 +216,8 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
     mbarrier.wait(v_bar.index(last % NV), (last // NV) & 1)
     acc = warpgroup_mma(p_smem.index(last % 2), v_smem.index(last % NV).reshape([BLOCK_N, HEAD_DIM]), acc)
 
-    l_i = gl.sum(l_part, 1)
-    nonempty = l_i > 0.0
-    l_safe = gl.where(nonempty, l_i, 1.0)
-    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-    q2.store(out.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, start_m, 0], q_smem)
-    if WRITE_LSE:
-        rows = start_m + gl.arange(0, BLOCK_M, layout=row_s)
-        lse = gl.where(nonempty, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
-    tma.store_wait(0)
+    _epilogue(acc, l_part, m_i, q_smem, q2, o_desc, LSE, pid_bh, off_b, off_h, start_m, SQ, BLOCK_M, row_s, row_o,
+              WRITE_LSE)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(NK):
         mbarrier.invalidate(k_bar.index(i))
@@ -265,20 +280,8 @@ def attention_hopper_rows_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, G
     dtype: gl.constexpr = q_desc.dtype
     p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    off_b = pid_bh // H_Q
-    off_h = pid_bh % H_Q
-    off_hk = off_h // GROUPS
-    start_m = pid_m * BLOCK_M
-    shift = SK - SQ
-    pos0 = start_m + shift
-    pos1 = gl.minimum(start_m + BLOCK_M, SQ) - 1 + shift
-    lo = (gl.maximum(pos0 - WL, 0) // BLOCK_N) * BLOCK_N
-    hi = gl.minimum(pos1 + 1, SK)
-    full_lo = gl.cdiv(gl.maximum(pos1 - WL, 0), BLOCK_N) * BLOCK_N
-    full_hi = (gl.minimum(pos0 + 1, SK) // BLOCK_N) * BLOCK_N
-    n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+    pid_bh, off_b, off_h, off_hk, start_m, pos0, lo, full_lo, full_hi, n_blocks = _program_band(
+        H_Q, GROUPS, SQ, SK, WL, BLOCK_M, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -340,18 +343,8 @@ def attention_hopper_rows_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, G
     mbarrier.wait(v_bar.index(last % 2), (last // 2) & 1)
     acc = warpgroup_mma(p_prev, v_smem.index(last % 2).reshape([BLOCK_N, HEAD_DIM]), acc)
 
-    l_i = gl.sum(l_part, 1)
-    nonempty = l_i > 0.0
-    l_safe = gl.where(nonempty, l_i, 1.0)
-    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-    q2.store(out.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, start_m, 0], q_smem)
-    if WRITE_LSE:
-        rows = start_m + gl.arange(0, BLOCK_M, layout=row_s)
-        lse = gl.where(nonempty, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
-    tma.store_wait(0)
+    _epilogue(acc, l_part, m_i, q_smem, q2, o_desc, LSE, pid_bh, off_b, off_h, start_m, SQ, BLOCK_M, row_s, row_o,
+              WRITE_LSE)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(2):
         mbarrier.invalidate(k_bar.index(i))
