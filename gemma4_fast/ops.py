@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -147,7 +147,8 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, bac
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *,
                       next_weight: Optional[torch.Tensor] = None, next_eps: Optional[float] = None,
-                      out_scale=None, x_scale: Optional[float] = None, backend: str = "auto"):
+                      out_scale: Optional[Union[torch.Tensor, float]] = None, x_scale: Optional[float] = None,
+                      backend: str = "auto"):
     """``gemma4_fast.kernels.rmsnorm.rms_norm_residual`` or its naive twin: ``residual + rms_norm(x * x_scale,
     weight)`` (HF order), times ``out_scale`` (a one-element tensor, HF's ``*= layer_scalar``, or a float) when
     given, and ``rms_norm(out, next_weight)`` when given. Under autograd the naive twin runs."""

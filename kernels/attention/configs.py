@@ -106,9 +106,9 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
                     _cfg(128, 64, 8, 1), _cfg(128, 64, 8, 2, tma=True), _cfg(64, 64, 4, 3, tma=True)]
         return [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 1)]
     if capability == 90:
-        return [dict(_cfg(64, 32, 8, 1, hopper=True), KV_BLOCK_N=64, KV_STAGES=2), _cfg(128, 32, 8, 2, 256), _cfg(128, 16, 8, 3, 256), _cfg(128, 64, 8, 1, 256),
-                _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2, 256), _cfg(128, 32, 8, 2, 256, tma=True),
-                _cfg(64, 32, 4, 3, 256, tma=True)]
+        return [dict(_cfg(64, 32, 8, 1, hopper=True), KV_BLOCK_N=64, KV_STAGES=2), _cfg(128, 32, 8, 2, 256),
+                _cfg(128, 16, 8, 3, 256), _cfg(128, 64, 8, 1, 256), _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2, 256),
+                _cfg(128, 32, 8, 2, 256, tma=True), _cfg(64, 32, 4, 3, 256, tma=True)]
     return [_cfg(64, 32, 4, 2, 256), _cfg(128, 16, 8, 1, 256), _cfg(64, 32, 8, 2), _cfg(64, 16, 8, 3)]
 
 

@@ -157,8 +157,8 @@ def rms_norm_residual_fwd_kernel(
     times the one-element ``S_OUT`` (fp32 product, rounded again: HF's ``hidden *= layer_scalar``); with
     ``HAS_IN_SCALE`` X is first multiplied by the scalar ``s_in`` and rounded to its dtype, with ``HAS_OUT_MUL`` OUT
     is multiplied by the scalar ``s_mul`` and rounded again (HF's ``linear(x) * s`` and ``(a + b) * s`` of the
-    per-layer-input projection); optionally NEXT = rms_norm(OUT) * W2 in OUT's dtype. OUT and NEXT are contiguous ``[n_rows, D]``.
-    Grid as in ``rms_norm_fwd_kernel``."""
+    per-layer-input projection); optionally NEXT = rms_norm(OUT) * W2 in OUT's dtype. OUT and NEXT are contiguous
+    ``[n_rows, D]``. Grid as in ``rms_norm_fwd_kernel``."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < D
