@@ -37,8 +37,8 @@ from torch import nn
 from transformers.cache_utils import StaticLayer
 
 from . import ops
-from .hooks import get_hook, global_module_hooks, hook_active
-from .norm import FastRMSNormMixin
+from .hooks import get_hook, hook_active
+from .norm import unobserved_norm
 from .kernels.attention.naive import visible_mask
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
@@ -243,21 +243,10 @@ def seam_hooks(module: nn.Module, pattern_fn: Optional[HookFn] = None):
     return scores, patterns
 
 
-def _unobserved_norm(norm: nn.Module) -> bool:
-    """Whether ``norm`` is a fast RMSNorm with scale whose call nobody observes (no module hooks of any kind, no
-    active ``scale`` / ``normalized`` seam, no global module hooks): the attention may then fuse it into the RoPE
-    pass (``ops.rms_norm_rope``) instead of calling the module."""
-    return (isinstance(norm, FastRMSNormMixin) and norm.with_scale
-            and not (norm._forward_hooks or norm._forward_pre_hooks or norm._backward_hooks
-                     or norm._backward_pre_hooks)
-            and get_hook(norm, "scale") is None and get_hook(norm, "normalized") is None
-            and not global_module_hooks(backward=True))
-
-
 def _norm_rope(norm: nn.Module, x: torch.Tensor, cos, sin, backend: str) -> torch.Tensor:
     """``rope(norm(x))`` for a query/key head norm: one fused pass when ``norm`` is unobserved, else the module
     call then the RoPE op."""
-    if _unobserved_norm(norm):
+    if unobserved_norm(norm):
         return ops.rms_norm_rope(x, norm.weight, cos, sin, eps=norm.eps, backend=backend)
     return ops.rope(norm(x), cos, sin, backend=backend)
 

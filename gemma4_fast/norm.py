@@ -12,9 +12,10 @@ returns its input unchanged (observes) keeps the kernel's ``y``, which is the sa
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from . import ops
-from .hooks import get_hook
+from .hooks import get_hook, global_module_hooks
 
 
 def _apply(fn, t: torch.Tensor) -> torch.Tensor:
@@ -48,3 +49,15 @@ class FastRMSNormMixin:
             return res.y  # observed, not edited: the kernel computed (x * scale) * w in this order already
         out = normalized * weight.float() if weight is not None else normalized
         return out.type_as(hidden_states)
+
+
+def unobserved_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a fast RMSNorm with scale whose call nobody observes (no module hooks of any kind, no
+    active ``scale`` / ``normalized`` seam, no global module hooks): a caller may then fuse it into a neighbouring
+    pass (the attention's q/k norms into RoPE, ``ops.rms_norm_rope``; the per-layer-input projection norm into
+    ``ops.rms_norm_residual``, ``gemma4_fast.prologue``) instead of calling the module."""
+    return (isinstance(norm, FastRMSNormMixin) and norm.with_scale
+            and not (norm._forward_hooks or norm._forward_pre_hooks or norm._backward_hooks
+                     or norm._backward_pre_hooks)
+            and get_hook(norm, "scale") is None and get_hook(norm, "normalized") is None
+            and not global_module_hooks(backward=True))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .norm import unobserved_norm
 
 _SCALE = "_g4f_embed_scale"
 
@@ -63,12 +64,10 @@ class FastTextModelMixin:
 
     def project_per_layer_inputs(self, inputs_embeds: torch.Tensor,
                                  per_layer_inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from .attention import _unobserved_norm
-
         norm = getattr(self, "per_layer_projection_norm", None)
         shape = (*inputs_embeds.shape[:-1], self.config.num_hidden_layers, self.hidden_size_per_layer_input)
         if (not isinstance(per_layer_inputs, torch.Tensor) or per_layer_inputs.shape != shape
-                or norm is None or not _unobserved_norm(norm)):
+                or norm is None or not unobserved_norm(norm)):
             return super().project_per_layer_inputs(inputs_embeds, per_layer_inputs)
         proj = self.per_layer_model_projection(inputs_embeds).reshape(shape)
         return ops.rms_norm_residual(proj, per_layer_inputs, norm.weight, norm.eps,
