@@ -120,6 +120,79 @@ def raw_logits_observers(module: nn.Module) -> Optional[str]:
     return None
 
 
+_ROUTED = "_g4f_softcap_route"
+
+
+def _on_gpu_half(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
+
+
+def _routing_backend(backend: str) -> Optional[str]:
+    """The backend ``ops.linear_softcap`` runs the routed LM head on, or None to leave the head alone: the
+    ``"torch"`` backend keeps HF's LM head and its three softcap ops bit for bit."""
+    return None if backend == "torch" else backend
+
+
+def _head_linear_routed(linear: nn.Module) -> bool:
+    return getattr(linear.__dict__.get("forward"), _ROUTED, False)
+
+
+def _head_linear(module: nn.Module) -> Optional[nn.Linear]:
+    """The ``nn.Linear`` that computes ``module``'s logits (``lm_head``, or the module a TransformerBridge component
+    in its place wraps) when its call can be routed to ``ops.linear_softcap``: a plain ``nn.Linear`` with a bf16 /
+    fp16 weight on a GPU and no instance-level ``forward`` other than this module's routing (accelerate's device
+    hooks install one), else None."""
+    head = getattr(module, "lm_head", None)
+    inner = head._modules.get("_original_component") if isinstance(head, nn.Module) else None
+    linear = inner if isinstance(inner, nn.Module) else head
+    if type(linear) is not nn.Linear or not _on_gpu_half(linear.weight):
+        return None
+    if "forward" in linear.__dict__ and not _head_linear_routed(linear):
+        return None
+    return linear
+
+
+def _check_routed(state: dict, logits: torch.Tensor) -> bool:
+    """Whether the routed LM head produced ``logits`` (already softcapped); raises when it ran but the forward
+    returned other logits (the softcap state of those cannot be known)."""
+    if "logits" not in state:
+        return False
+    if state["logits"] is not logits:
+        raise RuntimeError("gemma4_fast logits: the LM head's softcapped output is not the logits the forward "
+                           "returned; cannot tell whether the final softcap was applied")
+    return True
+
+
+@contextlib.contextmanager
+def _route_head(linear: Optional[nn.Linear], cap: float, backend: str, state: dict) -> Iterator[None]:
+    """Inside the block, the next call of ``linear`` returns ``ops.linear_softcap(x, weight, bias, cap)`` (the LM head
+    with the softcap applied) and records its output in ``state["logits"]``; later calls run the plain layer. A
+    nested fast call routes the layer for itself and restores this routing when it leaves."""
+    if linear is None:
+        yield
+        return
+    previous = linear.__dict__.get("forward")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if previous is None:
+            linear.__dict__.pop("forward", None)
+        else:
+            linear.__dict__["forward"] = previous
+        state["logits"] = ops.linear_softcap(x, linear.weight, linear.bias, cap, backend=backend)
+        return state["logits"]
+
+    setattr(forward, _ROUTED, True)
+    linear.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        if linear.__dict__.get("forward") is forward:
+            if previous is None:
+                del linear.__dict__["forward"]
+            else:
+                linear.__dict__["forward"] = previous
+
+
 def _valid_cap(cap: Any) -> bool:
     return isinstance(cap, (int, float)) and not isinstance(cap, bool) and math.isfinite(cap) and cap > 0
 
@@ -190,12 +263,17 @@ class FastLogitsMixin:
                 ops.log_once(f"logits:{why}", f"logits: {why}; running HF's softcap", level=logging.DEBUG)
                 with _cap_reads(config, cap, cap):
                     return hf_forward(*args, **kwargs)
-            with _cap_reads(config, None, cap):
+            state: dict[str, torch.Tensor] = {}
+            route = _routing_backend(self._g4f_backend)
+            head = None if route is None or torch.is_grad_enabled() else _head_linear(self)
+            with _cap_reads(config, None, cap), _route_head(head, cap, route or "auto", state):
                 out = hf_forward(*args, **kwargs)
         logits = getattr(out, "logits", None)
         if not isinstance(logits, torch.Tensor):
             raise RuntimeError(f"gemma4_fast logits: {type(self).__name__}.forward returned {type(out).__name__} "
                                "without a logits tensor; the final softcap could not be applied")
+        if _check_routed(state, logits):
+            return out
         if torch.is_grad_enabled() and logits.requires_grad:
             out.logits = ops.logit_softcap(logits, cap, backend="torch")
             return out

@@ -184,6 +184,16 @@ def logit_softcap(x: torch.Tensor, cap: float, *, out: Optional[torch.Tensor] = 
     return _fn("softcap", "logit_softcap", b)(x, cap, out=out)
 
 
+def linear_softcap(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], cap: float, *,
+                   backend: str = "auto") -> torch.Tensor:
+    """``gemma4_fast.kernels.softcap.linear_softcap`` or ``linear_softcap_naive``: the LM head and the final softcap,
+    ``cap * tanh((x @ weight^T + bias) / cap)``, ``[..., K] -> [..., N]``. On an sm_90 GPU one kernel (the raw
+    logits are never written); elsewhere the GEMM and the one-pass softcap. The torch twin is HF's LM head and its
+    three softcap ops."""
+    b = resolve(backend, "linear_softcap", x, weight, bias)
+    return _fn("softcap", "linear_softcap", b)(x, weight, bias, cap)
+
+
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, eps: float,
                   backend: str = "auto") -> torch.Tensor:
     """A query/key head norm (``Gemma4RMSNorm`` with scale) followed by RoPE: ``rope(rms_norm(x, weight, eps), cos,

@@ -52,3 +52,19 @@ def logit_softcap_naive(x: torch.Tensor, cap: float, *, out: Optional[torch.Tens
     for start in range(0, xf.numel(), CHUNK):
         of[start:start + CHUNK].copy_(_softcap(xf[start:start + CHUNK], cap))
     return out
+
+
+def linear_softcap_naive(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], cap: float) -> torch.Tensor:
+    """The LM head then the final softcap as HF runs them: ``lm_head(x)`` (``torch.nn.functional.linear``, one
+    rounding to x's dtype) then HF's three softcap ops in that dtype (``Gemma4ForCausalLM.forward``).
+
+    Args:
+        x: ``[..., K]`` hidden states after the final norm.
+        weight: ``[N, K]`` (the LM head's weight; tied to the input embedding in Gemma 4).
+        bias: ``[N]`` or None (TransformerBridge gives the LM head a zero bias).
+        cap: ``final_logit_softcapping`` (30.0), a Python number; not validated here.
+
+    Returns:
+        ``[..., N]`` logits in x's dtype; differentiable.
+    """
+    return _softcap(torch.nn.functional.linear(x, weight, bias), cap)

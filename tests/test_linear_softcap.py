@@ -1,0 +1,284 @@
+"""The LM head with the final softcap (``gemma4_fast.kernels.softcap.linear_softcap``) and its routing in the fast
+top-level models (``gemma4_fast.logits``).
+
+CPU: the naive op is HF's LM head and three softcap ops bit for bit; the public op's fallbacks, errors and autograd
+path; the routing of the LM head's ``nn.Linear`` (one call, restored afterwards, nested calls, the identity check);
+every config of the Gluon kernel compiles for sm_90 and fits its shared memory. GPU (``cuda``): the kernel against a
+float64 reference by the three-way rule at odd shapes, with and without bias, into NaN-filled outputs; the op's
+dispatch; a model forward whose logits come from the fused kernel.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from gemma4_fast import ops
+from gemma4_fast import logits as L
+from gemma4_fast.kernels._compile_check import SHARED_LIMIT, run_without_interpreter
+from gemma4_fast.kernels.softcap import linear_softcap, linear_softcap_naive
+from gemma4_fast.kernels.softcap import linear as linear_mod
+
+from _inputs import three_way_excess
+
+CAP = 30.0
+
+
+def _hf(x, w, b, cap=CAP):
+    logits = nn.functional.linear(x, w, b)
+    logits = logits / cap
+    logits = torch.tanh(logits)
+    return logits * cap
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_naive_is_hf_bit_for_bit(dtype, with_bias):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 7, 24, generator=g) * 3).to(dtype)
+    w = torch.randn(50, 24, generator=g).to(dtype)
+    b = torch.randn(50, generator=g).to(dtype) if with_bias else None
+    assert torch.equal(linear_softcap_naive(x, w, b, CAP), _hf(x, w, b))
+
+
+def test_cpu_op_falls_back_and_matches(caplog):
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 600, 16, generator=g), torch.randn(40, 16, generator=g), torch.randn(40, generator=g)
+    with caplog.at_level(logging.DEBUG, logger="gemma4_fast"):
+        y = linear_softcap(x, w, b, CAP)
+    ref = linear_softcap_naive(x.double(), w.double(), b.double(), CAP)
+    assert y.shape == (3, 600, 40) and y.dtype == torch.float32
+    assert ((y.double() - ref).abs() <= 1e-4 * ref.abs().clamp_min(1)).all()
+    assert "does not run on an sm_90 GPU" in caplog.text
+    assert torch.equal(ops.linear_softcap(x, w, b, CAP, backend="torch"), _hf(x, w, b))
+
+
+def test_errors_name_the_argument():
+    x, w = torch.randn(4, 16), torch.randn(40, 16)
+    with pytest.raises(ValueError, match="weight"):
+        linear_softcap(x, torch.randn(40, 15), None, CAP)
+    with pytest.raises(ValueError, match="bias"):
+        linear_softcap(x, w, torch.randn(39), CAP)
+    for cap in (0.0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="cap"):
+            linear_softcap(x, w, None, cap)
+    with pytest.raises(TypeError, match="x"):
+        linear_softcap(torch.ones(4, 16, dtype=torch.int64), w, None, CAP)
+
+
+def test_gradients_use_the_naive_op():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: linear_softcap(*t, CAP), (x, w, b))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing of the LM head in the fast top-level models
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_route_head_runs_once_and_restores():
+    lin = nn.Linear(16, 40)
+    x = torch.randn(3, 16)
+    state: dict = {}
+    with L._route_head(lin, CAP, "torch", state):
+        assert L._head_linear_routed(lin)
+        y1 = lin(x)
+        assert "forward" not in lin.__dict__
+        y2 = lin(x)
+    assert torch.equal(y1, _hf(x, lin.weight, lin.bias)) and state["logits"] is y1
+    assert torch.equal(y2, nn.functional.linear(x, lin.weight, lin.bias))
+    assert "forward" not in lin.__dict__
+    with L._route_head(lin, CAP, "torch", {}):
+        pass
+    assert "forward" not in lin.__dict__
+
+
+def test_route_head_nested_calls_keep_their_own_results():
+    lin = nn.Linear(16, 40)
+    x_out, x_in = torch.randn(2, 16), torch.randn(3, 16)
+    outer, inner = {}, {}
+    with L._route_head(lin, CAP, "torch", outer):
+        with L._route_head(lin, CAP, "torch", inner):
+            y_in = lin(x_in)
+        assert L._head_linear_routed(lin)
+        y_out = lin(x_out)
+    assert inner["logits"] is y_in and outer["logits"] is y_out
+    assert torch.equal(y_in, _hf(x_in, lin.weight, lin.bias)) and torch.equal(y_out, _hf(x_out, lin.weight, lin.bias))
+    assert "forward" not in lin.__dict__
+
+
+def test_head_linear_skips_foreign_forwards_and_cpu(monkeypatch):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(16, 40, bias=False)
+
+    m = M()
+    assert L._head_linear(m) is None
+    monkeypatch.setattr(L, "_on_gpu_half", lambda w: True)
+    assert L._head_linear(m) is m.lm_head
+    m.lm_head.forward = lambda x: x
+    assert L._head_linear(m) is None
+
+
+@pytest.mark.parametrize("preset", ["tiny-ple-kv-shared", "tiny-moe"])
+def test_patched_forward_routes_the_head_and_matches_hf(preset, monkeypatch):
+    from _inputs import patched_copy
+
+    hf, fast, _ = patched_copy(preset)
+    monkeypatch.setattr(L, "_on_gpu_half", lambda w: True)
+    calls = []
+    real = ops.linear_softcap
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "linear_softcap", spy)
+    monkeypatch.setattr(L, "_routing_backend", lambda backend: "torch")
+    ids = torch.randint(4, 200, (2, 9))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = fast(ids).logits
+    assert calls, "the LM head was not routed"
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert "forward" not in fast.lm_head.__dict__
+
+
+def test_routed_logits_that_are_not_returned_raise(monkeypatch):
+    lin = nn.Linear(16, 40)
+    state: dict = {}
+    with L._route_head(lin, CAP, "torch", state):
+        lin(torch.randn(2, 16))
+    with pytest.raises(RuntimeError, match="cannot tell"):
+        L._check_routed(state, torch.zeros(2, 40))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compile and fit (sm_90; the kernel is offered on Hopper only)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _gluon_compile_report() -> list:
+    """Shared bytes of every config (bf16 / fp16, with and without bias) compiled for sm_90."""
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from gemma4_fast.kernels.softcap import lm_head_hopper as H
+
+    out = []
+    for cfg in H.linear_softcap_configs():
+        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            for has_bias in (False, True):
+                x, w = torch.empty(300, 1536, dtype=dtype), torch.empty(1000, 1536, dtype=dtype)
+                y = torch.empty(300, 1000, dtype=dtype)
+                descs = dict(a_desc=H._descriptor(x, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+                             b_desc=H._descriptor(w, [cfg["BLOCK_N"], cfg["BLOCK_K"]]),
+                             c_desc=H._descriptor(y, [cfg["BLOCK_M"], cfg["BLOCK_N"]]))
+                ce = {**cfg, "HAS_BIAS": has_bias}
+                kernel = H.linear_softcap_fwd_kernel
+                sig = {}
+                for arg in kernel.arg_names:
+                    if arg in descs:
+                        sig[arg] = native_specialize_impl(BaseBackend, descs[arg], False, True, True)[0]
+                    else:
+                        sig[arg] = "constexpr" if arg in ce else f"*{name}" if arg == "BIAS" else \
+                            "fp32" if arg in ("inv_cap", "cap") else "i32"
+                src = GluonASTSource(fn=kernel, signature=sig,
+                                     constexprs={(kernel.arg_names.index(k),): v for k, v in ce.items()})
+                res = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": H.NUM_WARPS})
+                out.append([cfg, name, has_bias, int(res.metadata.shared)])
+    return out
+
+
+def test_every_config_compiles_for_sm90_and_fits():
+    pytest.importorskip("triton.experimental.gluon")
+    rep = run_without_interpreter(os.path.abspath(__file__), "_gluon_compile_report")
+    assert len(rep) == 8
+    assert all(0 < shared <= SHARED_LIMIT[90] for *_, shared in rep), rep
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+def _needs_hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs an sm_90 GPU")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1000, 262040, 1536), (513, 1000, 200), (1, 2056, 64), (4096, 8192, 2816)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gpu_kernel_three_way(dtype, m, n, k, with_bias):
+    _needs_hopper()
+    from gemma4_fast.kernels.softcap import lm_head_hopper as H
+
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) * 4 * k ** -0.5).to(dtype)
+    b = (torch.randn(n, device="cuda", generator=g) * 2).to(dtype) if with_bias else None
+    rows = slice(0, min(m, 256))
+    ref = CAP * torch.tanh((x[rows].double() @ w.double().t() + (b.double() if with_bias else 0)) / CAP)
+    low = _hf(x[rows], w, b)
+    for cfg in H.linear_softcap_configs():
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        H.linear_softcap_fwd(x, w, b, out, CAP, cfg)
+        assert not torch.isnan(out).any(), cfg
+        bad, err, bound = three_way_excess(out[rows], ref, low, atol=2e-3)
+        assert not bad.any(), (cfg, err.max().item(), bound.min().item())
+
+
+@pytest.mark.cuda
+def test_gpu_op_dispatch(caplog, monkeypatch):
+    _needs_hopper()
+    from gemma4_fast.kernels.softcap import lm_head_hopper as H
+
+    launched = []
+    real = H.linear_softcap_fwd
+    monkeypatch.setattr(H, "linear_softcap_fwd", lambda *a, **k: launched.append(a[0].shape) or real(*a, **k))
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16) * 0.1
+    y = linear_softcap(x, w, None, CAP)
+    assert launched == [(600, 256)] and y.shape == (2, 300, 1024)
+    with caplog.at_level(logging.DEBUG, logger="gemma4_fast"):
+        small = linear_softcap(x[:, :5], w, None, CAP)
+        odd = linear_softcap(x, w[:1020], None, CAP)
+        full = linear_softcap(x.float(), w.float(), None, CAP)
+    assert launched == [(600, 256)]
+    assert "fewer than" in caplog.text and "multiple of 8" in caplog.text and "bf16 / fp16" in caplog.text
+    for got, xx, ww in ((small, x[:, :5], w), (odd, x, w[:1020]), (full, x.float(), w.float())):
+        ref = linear_softcap_naive(xx.double(), ww.double(), None, CAP)
+        assert (got.double() - ref).abs().max() < 0.1
+
+
+@pytest.mark.cuda
+def test_gpu_model_logits_come_from_the_fused_kernel(monkeypatch):
+    _needs_hopper()
+    import gemma4_fast
+    from gemma4_fast.kernels.softcap import lm_head_hopper as H
+    from gemma4_fast.models import build_model
+
+    ref_model = build_model("E2B", torch.float32, "cuda", num_hidden_layers=2)
+    model = build_model("E2B", torch.bfloat16, "cuda", num_hidden_layers=2)
+    hf_bf16 = build_model("E2B", torch.bfloat16, "cuda", num_hidden_layers=2)
+    gemma4_fast.patch_model(model, backend="triton")
+    launched = []
+    real = H.linear_softcap_fwd
+    monkeypatch.setattr(H, "linear_softcap_fwd", lambda *a, **k: launched.append(1) or real(*a, **k))
+    ids = torch.randint(4, 260, (1, 700), device="cuda")
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits
+        ref = ref_model(ids, use_cache=False).logits.double()
+        low = hf_bf16(ids, use_cache=False).logits
+    assert launched == [1]
+    assert "forward" not in model.lm_head.__dict__
+    bad, err, bound = three_way_excess(got[0, :64], ref[0, :64], low[0, :64], atol=2e-2)
+    assert not bad.any(), (err.max().item(), bound.min().item())
