@@ -152,6 +152,23 @@ def _head_linear(module: nn.Module) -> Optional[nn.Linear]:
     return linear
 
 
+_ZERO_BIAS = "_g4f_zero_bias"
+
+
+def _effective_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``bias``, or None when it is all zeros (TransformerBridge gives the LM head a zero bias; adding it changes no
+    number but sends the GEMM to a slower path). Checked once per bias storage and version (one device-to-host
+    read, recorded on the tensor), again after any in-place edit."""
+    if bias is None:
+        return None
+    key = (bias.data_ptr(), bias._version)
+    known = getattr(bias, _ZERO_BIAS, None)
+    if known is None or known[:2] != key:
+        known = (*key, not bool(torch.count_nonzero(bias).item()))
+        setattr(bias, _ZERO_BIAS, known)
+    return None if known[2] else bias
+
+
 def _check_routed(state: dict, logits: torch.Tensor) -> bool:
     """Whether the routed LM head produced ``logits`` (already softcapped); raises when it ran but the forward
     returned other logits (the softcap state of those cannot be known)."""
@@ -178,7 +195,7 @@ def _route_head(linear: Optional[nn.Linear], cap: float, backend: str, state: di
             linear.__dict__.pop("forward", None)
         else:
             linear.__dict__["forward"] = previous
-        state["logits"] = ops.linear_softcap(x, linear.weight, linear.bias, cap, backend=backend)
+        state["logits"] = ops.linear_softcap(x, linear.weight, _effective_bias(linear.bias), cap, backend=backend)
         return state["logits"]
 
     setattr(forward, _ROUTED, True)

@@ -58,13 +58,12 @@ def _issue_step(a_desc, b_desc, a_smem, b_smem, bars, step, pid, nprog, num_m, k
 
 
 @gluon.jit
-def linear_softcap_fwd_kernel(a_desc, b_desc, c_desc, BIAS, M, N, K, inv_cap, cap, BLOCK_M: gl.constexpr,
-                              BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                              HAS_BIAS: gl.constexpr):
+def linear_softcap_fwd_kernel(a_desc, b_desc, c_desc, M, N, K, inv_cap, cap, BLOCK_M: gl.constexpr,
+                              BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
     """Persistent program over output tiles ``pid, pid + nprog, ...`` (tile ``t``: row block ``t % num_m``, column
     block ``t // num_m``). ``a_desc`` / ``b_desc``: TMA descriptors over ``x [M, K]`` and ``w [N, K]`` (blocks
     ``[BLOCK_M, BLOCK_K]`` / ``[BLOCK_N, BLOCK_K]``), ``c_desc`` over ``y [M, N]`` (block ``[BLOCK_M, BLOCK_N]``).
-    ``BIAS``: ``[N]`` in x's dtype, added to the fp32 accumulator when ``HAS_BIAS``. ``inv_cap = 1 / cap``."""
+    ``inv_cap = 1 / cap``."""
     dtype: gl.constexpr = a_desc.dtype
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                          instr_shape=[16, BLOCK_N, 16])
@@ -104,9 +103,6 @@ def linear_softcap_fwd_kernel(a_desc, b_desc, c_desc, BIAS, M, N, K, inv_cap, ca
             acc = warpgroup_mma_wait(0, deps=[acc])
             tile = pid + (step // k_tiles) * nprog
             off_n = (tile // num_m) * BLOCK_N
-            if HAS_BIAS:
-                cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-                acc = acc + gl.load(BIAS + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
             y = _tanh_approx(acc * inv_cap) * cap
             tma.store_wait(0)
             c_smem.store(y.to(dtype))
@@ -142,16 +138,14 @@ def pick_config() -> dict[str, int]:
     return cfg
 
 
-def hopper_unsupported(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[str]:
-    """Why ``linear_softcap_fwd`` cannot take ``x [M, K]``, ``w [N, K]``, ``bias [N]`` (a short phrase for the
-    log), or None when it can: an sm_90 GPU, bf16 / fp16 operands of one dtype on one device, row-major with
-    16-byte aligned rows (K and N multiples of 8), a contiguous bias."""
+def hopper_unsupported(x: torch.Tensor, w: torch.Tensor) -> Optional[str]:
+    """Why ``linear_softcap_fwd`` cannot take ``x [M, K]`` and ``w [N, K]`` (a short phrase for the log), or None
+    when it can: an sm_90 GPU, bf16 / fp16 operands of one dtype on one device, row-major with 16-byte aligned rows
+    (K and N multiples of 8)."""
     if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] != 9:
         return "does not run on an sm_90 GPU"
     if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype or w.device != x.device:
         return "needs bf16 / fp16 x and weight of one dtype on one device"
-    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device or not bias.is_contiguous()):
-        return "has a bias of another dtype or device, or a strided one"
     for t in (x, w):
         if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
             return "has an operand the copy engine cannot address (rows must be 16-byte aligned)"
@@ -170,9 +164,9 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[idx]
 
 
-def linear_softcap_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor, cap: float,
-                       cfg: dict[str, int], programs: Optional[int] = None) -> None:
-    """Launch ``linear_softcap_fwd_kernel``: ``out [M, N] = cap * tanh((x [M, K] @ w [N, K]^T + bias) / cap)``.
+def linear_softcap_fwd(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cap: float, cfg: dict[str, int],
+                       programs: Optional[int] = None) -> None:
+    """Launch ``linear_softcap_fwd_kernel``: ``out [M, N] = cap * tanh((x [M, K] @ w [N, K]^T) / cap)``.
 
     No validation (``hopper_unsupported`` is the check). ``cfg``: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
     ``STAGES``. ``programs``: persistent programs (default: one per SM, at most one per tile)."""
@@ -183,6 +177,5 @@ def linear_softcap_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Te
     grid = (min(tiles, programs or _sm_count(x.device)),)
     with torch.cuda.device(x.device):
         linear_softcap_fwd_kernel[grid](
-            _descriptor(x, [bm, bk]), _descriptor(w, [bn, bk]), _descriptor(out, [bm, bn]),
-            bias if bias is not None else x, m, n, k, 1.0 / cap, float(cap), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            STAGES=cfg["STAGES"], HAS_BIAS=bias is not None, num_warps=NUM_WARPS)
+            _descriptor(x, [bm, bk]), _descriptor(w, [bn, bk]), _descriptor(out, [bm, bn]), m, n, k, 1.0 / cap,
+            float(cap), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=NUM_WARPS)
