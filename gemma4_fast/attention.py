@@ -6,9 +6,7 @@ run as modules in HF's order, KV sharing and the cache update are HF's; RoPE (``
 ``apply_rotary_pos_emb`` on the torch backend) and the ``softmax(q k^T) v`` step go to
 ``gemma4_fast.ops`` (Triton or torch). A ``q_norm`` / ``k_norm`` that is a fast RMSNorm nobody observes (no
 module hook of any kind, no active norm seam, no global module hooks) is fused into the RoPE pass
-(``ops.rms_norm_rope``, same arithmetic); any hook on it brings back the module call. Likewise a projection
-called on one to four rows (decode, layers cut to the last position) runs the GEMV kernel when it is a plain
-``nn.Linear`` nobody observes (``gemma4_fast.linear.project``).
+(``ops.rms_norm_rope``, same arithmetic); any hook on it brings back the module call.
 
 Masks. The attention op takes causality, the sliding window and a key padding mask ``[B, Sk]``
 (queries sit at the end of the keys). ``attention_core`` reads the mask it is given as follows:
@@ -40,7 +38,6 @@ from transformers.cache_utils import StaticLayer
 
 from . import ops
 from .hooks import get_hook, hook_active
-from .linear import project
 from .norm import unobserved_norm
 from .kernels.attention.naive import visible_mask
 
@@ -273,7 +270,7 @@ class FastAttentionMixin:
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
 
-        query_states = project(self.q_proj, hidden_states, self._g4f_backend).view(hidden_shape)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
         query_states = _norm_rope(self.q_norm, query_states, cos, sin, self._g4f_backend)
         query_states = _apply_hook(get_hook(self, "rot_q"), query_states)
         query_states = query_states.transpose(1, 2)
@@ -285,9 +282,8 @@ class FastAttentionMixin:
                 value_states = value_states.to(query_states.device)
             cache_layer = _kv_source_layer(self.config, self.layer_type)
         else:
-            key_states = project(self.k_proj, hidden_states, self._g4f_backend).view(hidden_shape)
-            value_states = (project(self.v_proj, hidden_states, self._g4f_backend).view(hidden_shape)
-                            if self.v_proj is not None else key_states)
+            key_states = self.k_proj(hidden_states).view(hidden_shape)
+            value_states = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_states
 
             key_states = _norm_rope(self.k_norm, key_states, cos, sin, self._g4f_backend)
             key_states = _apply_hook(get_hook(self, "rot_k"), key_states)
@@ -332,5 +328,5 @@ class FastAttentionMixin:
             valid_len_fn=valid_len_fn, kv_lens=kv_lens,
         )
         attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
-        attn_output = project(self.o_proj, attn_output, self._g4f_backend)
+        attn_output = self.o_proj(attn_output)
         return attn_output, attn_weights

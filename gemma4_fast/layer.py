@@ -29,7 +29,6 @@ from torch import nn
 
 from . import ops
 from .hooks import get_hook, global_module_hooks
-from .linear import project
 from .mlp import gelu_tanh_unsupported
 from .norm import FastRMSNormMixin
 
@@ -70,7 +69,7 @@ class FastDecoderLayerMixin:
     def _per_layer_gate(self, hidden_states: torch.Tensor, per_layer_input: torch.Tensor) -> torch.Tensor:
         """HF's ``act_fn(per_layer_input_gate(h)) * per_layer_input``, the product on the fused tanh-GELU op
         when the backend and ``act_fn`` allow it (one pass instead of two; see ``gemma4_fast.mlp``)."""
-        gate = project(self.per_layer_input_gate, hidden_states, self._g4f_backend)
+        gate = self.per_layer_input_gate(hidden_states)
         if (self._g4f_backend == "torch" or gelu_tanh_unsupported(self.act_fn) is not None
                 or gate.shape != per_layer_input.shape):
             return self.act_fn(gate) * per_layer_input
@@ -113,7 +112,7 @@ class FastDecoderLayerMixin:
         if ple:
             residual = hidden_states
             hidden_states = self._per_layer_gate(hidden_states, per_layer_input)
-            hidden_states = self._residual(self.post_per_layer_input_norm, project(self.per_layer_projection, hidden_states, self._g4f_backend),
+            hidden_states = self._residual(self.post_per_layer_input_norm, self.per_layer_projection(hidden_states),
                                            residual, out_scale=scalar)
         if scalar is None:
             hidden_states *= self.layer_scalar

@@ -3,9 +3,7 @@
 ``FastGemma4TextMLP`` (and its unified twin) adds no parameter, buffer or submodule. Forward keeps HF's
 submodule calls, in HF's order: ``self.gate_proj(x)``, ``self.up_proj(x)``, then
 ``self.down_proj(h)``, so hooks on those linears (TransformerLens: the gate output, the up output and
-the down input) see the same tensors as on the HF module (a call of one to four rows on an unobserved plain
-``nn.Linear`` runs the GEMV kernel instead of the module: ``gemma4_fast.linear.project``). Only
-``h = act_fn(gate) * up`` changes: on the
+the down input) see the same tensors as on the HF module. Only ``h = act_fn(gate) * up`` changes: on the
 ``"triton"`` / ``"auto"`` backends it is ``gemma4_fast.ops.gelu_mul`` (one kernel, fp32 math, one
 rounding; gradients by recomputing the naive op), on ``"torch"`` it is HF's own
 ``self.act_fn(gate) * up``, bit for bit.
@@ -24,7 +22,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import ops
-from .linear import project
 
 GELU_TANH_NAMES = ("gelu_pytorch_tanh",)
 
@@ -56,8 +53,8 @@ class FastMLPMixin:
     _g4f_backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = project(self.gate_proj, x, self._g4f_backend)
-        up = project(self.up_proj, x, self._g4f_backend)
+        gate = self.gate_proj(x)
+        up = self.up_proj(x)
         backend = self._g4f_backend
         if backend != "torch":
             why = gelu_tanh_unsupported(self.act_fn)
@@ -68,4 +65,4 @@ class FastMLPMixin:
             h = self.act_fn(gate) * up
         else:
             h = ops.gelu_mul(gate, up, backend=backend)
-        return project(self.down_proj, h, self._g4f_backend)
+        return self.down_proj(h)

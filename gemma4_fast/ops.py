@@ -194,13 +194,6 @@ def linear_softcap(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return _fn("softcap", "linear_softcap", b)(x, weight, bias, cap)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, backend: str = "auto") -> torch.Tensor:
-    """``gemma4_fast.kernels.gemv.gemv`` or ``gemv_naive`` (``torch.nn.functional.linear``): ``x @ weight^T + bias``
-    for ``x [..., K]`` of at most four rows, streaming the weight once."""
-    b = resolve(backend, "gemv", x, weight, bias)
-    return _fn("gemv", "gemv", b)(x, weight, bias)
-
-
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, eps: float,
                   backend: str = "auto") -> torch.Tensor:
     """A query/key head norm (``Gemma4RMSNorm`` with scale) followed by RoPE: ``rope(rms_norm(x, weight, eps), cos,
