@@ -290,7 +290,8 @@ def test_gpu_model_logits_come_from_the_fused_kernel(monkeypatch):
     real = H.linear_softcap_fwd
     monkeypatch.setattr(H, "linear_softcap_fwd", lambda *a, **k: launched.append(1) or real(*a, **k))
     hidden = {}
-    model.model.language_model.norm.register_forward_hook(lambda m, a, o: hidden.setdefault("h", o.detach().clone()))
+    text_model = getattr(model.model, "language_model", model.model)
+    text_model.norm.register_forward_hook(lambda m, a, o: hidden.setdefault("h", o.detach().clone()))
     ids = torch.randint(4, 260, (1, 700), device="cuda")
     with torch.no_grad():
         got = model(ids, use_cache=False).logits
