@@ -117,6 +117,7 @@ def main() -> None:
                     "(tables then sum both; bench/trace_summary.py reads the second)")
     ap.add_argument("--sync-trace", action="store_true")
     ap.add_argument("--cprofile", type=int, default=0)
+    ap.add_argument("--cprofile-sort", default="tottime", help="pstats sort key of the --cprofile table (cumtime, ...)")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--cuda-rows", type=int, default=12)
     args = ap.parse_args()
@@ -177,8 +178,8 @@ def main() -> None:
                 torch.cuda.synchronize()
                 pr.disable()
                 buf = io.StringIO()
-                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(args.cprofile)
-                print("-- cProfile (tottime):\n" + "\n".join(buf.getvalue().splitlines()[:args.cprofile + 12]))
+                pstats.Stats(pr, stream=buf).sort_stats(args.cprofile_sort).print_stats(args.cprofile)
+                print(f"-- cProfile ({args.cprofile_sort}):\n" + "\n".join(buf.getvalue().splitlines()[:args.cprofile + 12]))
 
 
 if __name__ == "__main__":
