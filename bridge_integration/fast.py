@@ -21,7 +21,9 @@ out-of-place softcap runs, so ``unembed.hook_out`` always carries the raw pre-so
 Blocks with no active hook inside skip the bridge's per-submodule wrappers (``quiet.py``): residual hooks
 still fire, and any inner hook puts the block back on the wrapped path for that call. The bridge's ``forward``,
 ``run_with_cache`` and ``run_with_hooks`` run with Python's cyclic garbage collector paused (``_gc_paused``), and a
-forward that asks for no KV cache runs the HF model with ``use_cache=False`` (``_forward``).
+forward that asks for no KV cache runs the HF model with ``use_cache=False`` (``_forward``). ``hook_dict`` and the alias
+map that ``run_with_cache`` / ``run_with_hooks`` / ``hooks()`` build before their forward come from a memo validated on
+every use (``hook_memo.py``).
 
 Every hook of the seed bridge keeps its name and shape. ``disable_fast_kernels`` undoes all of it.
 """
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from ..hooks import clear_hooks, set_hooks
+from .hook_memo import install_hook_memo, run_with_alias_memo
 
 logger = logging.getLogger("gemma4_fast")
 
@@ -327,10 +330,16 @@ def _forward(bridge: Any, original: Callable[..., Any], *args: Any, **kwargs: An
     return _gc_paused(bridge, original, *args, **kwargs)
 
 
+def _gc_paused_memo(bridge: Any, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``_gc_paused`` around TransformerLens's method running with the bridge's hook-name memo
+    (``hook_memo.run_with_alias_memo``; the method itself when the bridge has none)."""
+    return _gc_paused(bridge, functools.partial(run_with_alias_memo, bridge, original), *args, **kwargs)
+
+
 def _pause_gc(bridge: Any, undo: list[Callable[[], None]]) -> None:
     for name in ("forward", "run_with_cache", "run_with_hooks"):
         if callable(getattr(type(bridge), name, None)) and name not in bridge.__dict__:
-            undo.append(install_method(bridge, name, _forward if name == "forward" else _gc_paused))
+            undo.append(install_method(bridge, name, _forward if name == "forward" else _gc_paused_memo))
 
 
 def _rescan_hooks(bridge: Any) -> None:
@@ -379,6 +388,10 @@ def enable_fast_kernels(bridge: Any, mode: bool | str = True, *, backend: str = 
     wrapped, undo_quiet = install_quiet_blocks(bridge)
     undo.append(undo_quiet)
     report.notes.extend(f"{line}: this block always runs through the bridge's wrappers" for line in wrapped)
+    why, undo_memo = install_hook_memo(bridge)
+    undo.append(undo_memo)
+    if why:
+        report.notes.append(f"hook-name memo off: {why}")
     _pause_gc(bridge, undo)
     _rescan_hooks(bridge)
     _set_state(bridge, report, undo)

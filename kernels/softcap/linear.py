@@ -4,8 +4,8 @@ cap)``, one kernel on Hopper (``lm_head_hopper.py``), else the LM head GEMM then
 Scope and limits:
   * On an sm_90 GPU with bf16 / fp16 operands, 16-byte aligned rows, at least ``MIN_ROWS`` rows, a hidden size of
     at most ``MAX_K`` and no bias, the Gluon kernel computes the GEMM and applies the softcap to its fp32
-    accumulator before the only store: the raw logits are never written. ``tanh`` is the hardware approximation (relative error about
-    2**-11), rounded once to x's dtype.
+    accumulator before the only store: the raw logits are never written. ``tanh`` is the hardware approximation
+    (relative error about 2**-11), rounded once to x's dtype.
   * Otherwise (fewer rows, a bias, a larger hidden size, another GPU, other dtypes or layouts, a Triton without
     Gluon) it runs
     ``torch.nn.functional.linear`` and then ``logit_softcap(..., out=logits)`` (the one-pass Triton softcap, or

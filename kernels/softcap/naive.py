@@ -54,7 +54,8 @@ def logit_softcap_naive(x: torch.Tensor, cap: float, *, out: Optional[torch.Tens
     return out
 
 
-def linear_softcap_naive(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], cap: float) -> torch.Tensor:
+def linear_softcap_naive(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         cap: float) -> torch.Tensor:
     """The LM head then the final softcap as HF runs them: ``lm_head(x)`` (``torch.nn.functional.linear``, one
     rounding to x's dtype) then HF's three softcap ops in that dtype (``Gemma4ForCausalLM.forward``).
 
