@@ -18,6 +18,7 @@ from torch import nn
 
 from gemma4_fast import ops
 from gemma4_fast import logits as L
+from gemma4_fast.kernels import _common
 from gemma4_fast.kernels._compile_check import SHARED_LIMIT, run_without_interpreter
 from gemma4_fast.kernels.softcap import linear_softcap, linear_softcap_naive
 from gemma4_fast.kernels.softcap import linear as linear_mod
@@ -44,7 +45,8 @@ def test_naive_is_hf_bit_for_bit(dtype, with_bias):
     assert torch.equal(linear_softcap_naive(x, w, b, CAP), _hf(x, w, b))
 
 
-def test_cpu_op_falls_back_and_matches(caplog):
+def test_cpu_op_falls_back_and_matches(caplog, monkeypatch):
+    monkeypatch.setattr(_common, "_LOGGED", set())
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(3, 600, 16, generator=g), torch.randn(40, 16, generator=g), torch.randn(40, generator=g)
     with caplog.at_level(logging.DEBUG, logger="gemma4_fast"):
@@ -249,6 +251,7 @@ def test_gpu_op_dispatch(caplog, monkeypatch):
     _needs_hopper()
     from gemma4_fast.kernels.softcap import lm_head_hopper as H
 
+    monkeypatch.setattr(_common, "_LOGGED", set())
     launched = []
     real = H.linear_softcap_fwd
     monkeypatch.setattr(H, "linear_softcap_fwd", lambda *a, **k: launched.append(a[0].shape) or real(*a, **k))
@@ -301,3 +304,30 @@ def test_gpu_model_logits_come_from_the_fused_kernel(monkeypatch):
     ref = CAP * torch.tanh((h.double() @ w.double().t()) / CAP)
     bad, err, bound = three_way_excess(got[0, :64], ref, _hf(h, w, None), atol=2e-3)
     assert not bad.any(), (err.max().item(), bound.min().item())
+
+
+def test_bridge_routes_its_head_without_the_zero_bias(monkeypatch):
+    """A fast TransformerBridge's plain forward sends its unembed's ``nn.Linear`` (which TransformerLens gives an
+    all-zero bias) through ``ops.linear_softcap`` with no bias, and its logits equal the seed bridge's; a cache of
+    ``hook_unembed`` keeps the unrouted raw logits."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from gemma4_fast.bridge_integration import boot_transformers
+    from gemma4_fast.models import build_model, offline_tokenizer
+
+    tok = offline_tokenizer()
+    seed = TransformerBridge.boot_transformers("tiny-ple-kv-shared", hf_model=build_model("tiny-ple-kv-shared"),
+                                               tokenizer=tok, device="cpu")
+    fast = boot_transformers("tiny-ple-kv-shared", hf_model=build_model("tiny-ple-kv-shared"), tokenizer=tok,
+                             device="cpu", fast_kernels=True, fast_backend="torch")
+    monkeypatch.setattr(L, "_on_gpu_half", lambda w: True)
+    monkeypatch.setattr(L, "_routing_backend", lambda backend: "torch")
+    calls = []
+    real = ops.linear_softcap
+    monkeypatch.setattr(ops, "linear_softcap", lambda x, w, b, cap, **k: calls.append(b) or real(x, w, b, cap, **k))
+    ids = fast.to_tokens("The quick brown fox")
+    with torch.no_grad():
+        got, want = fast(ids), seed(ids)
+        fast.run_with_cache(ids, names_filter="hook_unembed")
+    assert calls == [None]
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
