@@ -19,6 +19,13 @@ The in-place path is taken only when all of these hold, else HF's forward runs u
   ``hook_out`` a ``run_with_cache`` caches: those raw logits must not change afterwards), and no global module
   hooks.
 
+On the in-place path with autograd off and a backend other than ``"torch"``, the LM head's ``nn.Linear`` (the one a
+TransformerBridge unembed component wraps, too) is routed for one call to ``ops.linear_softcap``, which returns the
+softcapped logits (on an sm_90 GPU from one kernel that never writes the raw logits; see
+``gemma4_fast.kernels.softcap.linear``); an all-zero bias (TransformerBridge's ``b_U``) is dropped for it, and the
+forward then skips the separate softcap pass. A head with its own instance-level ``forward`` (accelerate's device
+hooks) is not routed.
+
 A call whose masks are all None by construction (no attention mask, positions or cache; see
 ``gemma4_fast.masks``) passes HF's text model the ready mask mapping, which skips HF's two mask builders and their
 device-to-host syncs, and passes HF's default positions as one kept tensor whose rotary tables the patched rotary

@@ -7,9 +7,8 @@ Scope and limits:
     accumulator before the only store: the raw logits are never written. ``tanh`` is the hardware approximation
     (relative error about 2**-11), rounded once to x's dtype.
   * Otherwise (fewer rows, a bias, a larger hidden size, another GPU, other dtypes or layouts, a Triton without
-    Gluon) it runs
-    ``torch.nn.functional.linear`` and then ``logit_softcap(..., out=logits)`` (the one-pass Triton softcap, or
-    HF's three ops where Triton cannot launch), each reason logged once. Under autograd it runs
+    Gluon) it runs ``torch.nn.functional.linear`` and then ``logit_softcap(..., out=logits)`` (the one-pass Triton
+    softcap, or HF's three ops where Triton cannot launch), each reason logged once. Under autograd it runs
     ``linear_softcap_naive`` (HF's LM head and three ops), which is differentiable.
 """
 from __future__ import annotations
