@@ -165,12 +165,15 @@ _ZERO_BIAS = "_g4f_zero_bias"
 def _effective_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``bias``, or None when it is all zeros (TransformerBridge gives the LM head a zero bias; adding it changes no
     number but sends the GEMM to a slower path). Checked once per bias storage and version (one device-to-host
-    read, recorded on the tensor), again after any in-place edit."""
+    read, recorded on the tensor), again after any in-place edit; never during a CUDA graph capture (an unchecked
+    bias is kept there)."""
     if bias is None:
         return None
     key = (bias.data_ptr(), bias._version)
     known = getattr(bias, _ZERO_BIAS, None)
     if known is None or known[:2] != key:
+        if bias.is_cuda and torch.cuda.is_current_stream_capturing():
+            return bias  # no device-to-host read inside a CUDA graph capture: keep the bias
         known = (*key, not bool(torch.count_nonzero(bias).item()))
         setattr(bias, _ZERO_BIAS, known)
     return None if known[2] else bias
