@@ -98,3 +98,16 @@ def pinned_config(env_var: str) -> dict[str, int] | None:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (>= 1)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA ``device`` (read once per device); 4 on other devices (the stand-in the CPU
+    interpreter's launch plans use)."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._common import can_launch, device_of, log_once, needs_grad
+from .._common import can_launch, device_of, log_once, needs_grad, sm_count
 from . import configs as _configs
 from .naive import (attention_naive, attention_pattern_naive, attention_scores_naive, pattern_apply_naive,
                     softmax_scores as softmax_scores_naive)
@@ -23,12 +23,6 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def _new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocator of every output and scratch buffer (tests replace it with a NaN-filled one)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def _mode(window, causal: bool) -> str:
@@ -202,7 +196,7 @@ def _launch(q, k, v, o, lse, kpm, scale, window, softcap, causal, write_o: bool 
         if write_o and use_split_path(Hq // Hkv, Sq, D):
             cfg = _configs.select_config("split", D, q.dtype, mode, Sk, q.device)
             attention_split_fwd(q, k, v, o, lse, kpm, scale=scale, window=window, softcap=softcap,
-                                causal=causal, config=cfg, sm_count=_sm_count(q.device), new_empty=_new_empty,
+                                causal=causal, config=cfg, sm_count=sm_count(q.device), new_empty=_new_empty,
                                 kv_lens=kv_lens)
         else:
             cfg = _configs.select_config("fwd", D, q.dtype, mode, Sk, q.device)

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import can_launch, device_of, interpret_mode, log_once, needs_grad, next_power_of_2, pinned_config
+from .._common import (can_launch, device_of, interpret_mode, log_once, needs_grad, next_power_of_2, pinned_config,
+                       sm_count)
 from .naive import RMSNormOutput, rms_norm_naive, rms_norm_pair_residual_naive, rms_norm_residual_naive
 
 
@@ -305,11 +306,6 @@ def pick_config(x: torch.Tensor, width: int, n_rows: int) -> dict[str, int]:
     return _picked(x.device.index or 0, width, row_bucket(n_rows))
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _grid(x: torch.Tensor, n_rows: int, cfg: dict[str, int]) -> tuple[int, int]:
     """(number of row blocks, number of programs). The persistent grid is GPU-only: Triton's
     interpreter cannot run a loop with run-time bounds (its scalars are 1-element arrays)."""
@@ -317,7 +313,7 @@ def _grid(x: torch.Tensor, n_rows: int, cfg: dict[str, int]) -> tuple[int, int]:
     pps = cfg.get("PROGRAMS_PER_SM", 0)
     if pps <= 0 or interpret_mode():
         return n_blocks, n_blocks
-    sms = _num_sms(x.device.index or 0) if x.is_cuda else 4
+    sms = sm_count(x.device)
     return n_blocks, max(1, min(n_blocks, pps * sms))
 
 

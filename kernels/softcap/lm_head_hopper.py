@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .._common import pinned_config
+from .._common import pinned_config, sm_count
 
 NUM_WARPS = 8
 #: Pins one config for tests (JSON, e.g. '{"BLOCK_N": 128, "STAGES": 4}'), merged over the default.
@@ -159,16 +159,6 @@ def hopper_unsupported(x: torch.Tensor, w: torch.Tensor) -> Optional[str]:
     return None
 
 
-_SMS: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
-
-
 def linear_softcap_fwd(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cap: float, cfg: dict[str, int],
                        programs: Optional[int] = None) -> None:
     """Launch ``linear_softcap_fwd_kernel``: ``out [M, N] = cap * tanh((x [M, K] @ w [N, K]^T) / cap)``.
@@ -179,7 +169,7 @@ def linear_softcap_fwd(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cap:
     m, k = x.shape
     n = w.shape[0]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    grid = (min(tiles, programs or _sm_count(x.device)),)
+    grid = (min(tiles, programs or sm_count(x.device)),)
     with torch.cuda.device(x.device):
         linear_softcap_fwd_kernel[grid](
             _descriptor(x, [bm, bk]), _descriptor(w, [bn, bk]), _descriptor(out, [bm, bn]), m, n, k, 1.0 / cap,
