@@ -73,9 +73,11 @@ def compile_like_launch(kernel, dt: str, constexprs: dict, capability: int, num_
     return int(out.metadata.shared)
 
 
-def compile_hopper(head_dim: int, dt: str, cfg: dict) -> int:
-    """Compile the Gluon kernel of ``hopper.py`` for sm_90 with the descriptors a launch over HF's layout
-    (q / o views of ``[B, S, H, D]``, k / v ``[B, H, S, D]``) passes; returns shared bytes."""
+def compile_hopper(head_dim: int, dt: str, cfg: dict, *, binary: bool = False):
+    """Compile, for sm_90, the Gluon kernel of ``hopper.py`` that ``attention_hopper_fwd`` launches for ``head_dim``
+    and ``cfg`` (the head_dim-256 rows kernel, or the head_dim-512 kernel with the ring depths the launcher would
+    cut to), with the descriptors a launch over HF's layout passes (q / o views of ``[B, S, H, D]``, k / v
+    ``[B, H, S, D]``); returns shared bytes (``binary``: the compiled kernel's cubin too)."""
     import torch
     import triton
     from triton._C.libtriton import native_specialize_impl
@@ -87,13 +89,19 @@ def compile_hopper(head_dim: int, dt: str, cfg: dict) -> int:
     dtype = torch.bfloat16 if dt == "bf16" else torch.float16
     q = torch.empty(1, 256, 8, head_dim, dtype=dtype).permute(0, 2, 1, 3)
     k = torch.empty(1, 1, 256, head_dim, dtype=dtype)
-    bn = cfg["BLOCK_N"]
-    descs = dict(q_desc=H._descriptor(q, H.BLOCK_M), k_desc=H._descriptor(k, bn), v_desc=H._descriptor(k, bn),
-                 o_desc=H._descriptor(q, H.BLOCK_M))
-    kernel = H.attention_hopper_fwd_kernel
-    ce = dict(HEAD_DIM=head_dim, BLOCK_M=H.BLOCK_M, BLOCK_N=bn, KV_SAME=bool(cfg.get("KV_SAME", 0)),
-              KV_STAGES=cfg.get("KV_STAGES", 3), K_STAGES=cfg.get("K_STAGES", 2), V_STAGES=cfg.get("V_STAGES", 2),
-              WRITE_LSE=True)
+    kv_same = bool(cfg.get("KV_SAME", 0))
+    if head_dim <= 256:
+        kernel, rows, bn = H.attention_hopper_rows_fwd_kernel, H.ROWS_BLOCK_M, cfg["BLOCK_N"]
+        ce = dict(HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=bn, WRITE_LSE=True)
+    else:
+        kernel, rows = H.attention_hopper_fwd_kernel, H.BLOCK_M
+        bn = cfg.get("KV_BLOCK_N", cfg["BLOCK_N"]) if kv_same else cfg["BLOCK_N"]
+        ce = dict(HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=bn, KV_SAME=kv_same,
+                  KV_STAGES=H._stages(head_dim, bn, cfg.get("KV_STAGES", 3), 1),
+                  K_STAGES=H._stages(head_dim, bn, cfg.get("K_STAGES", 2), 2),
+                  V_STAGES=H._stages(head_dim, bn, cfg.get("V_STAGES", 2), 2), WRITE_LSE=True)
+    descs = dict(q_desc=H._descriptor(q, rows), k_desc=H._descriptor(k, bn), v_desc=H._descriptor(k, bn),
+                 o_desc=H._descriptor(q, rows))
     sig = {}
     for name in kernel.arg_names:
         if name in descs:
@@ -102,8 +110,8 @@ def compile_hopper(head_dim: int, dt: str, cfg: dict) -> int:
             sig[name] = "constexpr" if name in ce else "*fp32" if name == "LSE" else \
                 "fp32" if name == "qk_scale" else "i32"
     src = GluonASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(n),): v for n, v in ce.items()})
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
-    return int(out.metadata.shared)
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": H.NUM_WARPS})
+    return (int(out.metadata.shared), out.asm["cubin"]) if binary else int(out.metadata.shared)
 
 
 def _flags(dt: str) -> dict:

@@ -14,8 +14,8 @@ maxima, write their halves of the probabilities to shared memory, and each accum
 columns from the whole probability tile. No dot product is computed twice.
 
 Pipeline (one program, 8 warps): Q is read once by the copy engine (TMA); K and V blocks stream through rings of
-``K_STAGES`` / ``V_STAGES`` tiles (TMA + mbarriers; one ring of ``KV_STAGES`` tiles read as both when K is V). Each step issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` as asynchronous
-warpgroup MMAs, waits for ``S_j`` only, runs the softmax of block ``j`` while ``P_{j-1} V_{j-1}`` is still on the
+``K_STAGES`` / ``V_STAGES`` tiles (TMA + mbarriers; one ring of ``KV_STAGES`` tiles read as both when K is V).
+Each step issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` as asynchronous warpgroup MMAs, waits for ``S_j`` only, runs the softmax of block ``j`` while ``P_{j-1} V_{j-1}`` is still on the
 tensor cores, then waits, rescales ``O`` and stores ``P_j``. A K slot is refilled once both warpgroups have read
 it, a V slot once the MMA that read it has finished.
 
@@ -97,6 +97,27 @@ def _program_band(H_Q, GROUPS, SQ, SK, WL, BLOCK_M: gl.constexpr, BLOCK_N: gl.co
 
 
 @gluon.jit
+def _first_block(q_smem, q_bar, k_smem, k_bar, pos0, lo, full_lo, full_hi, SK, WL, qk_scale, HEAD_DIM: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Both kernels' start: the Q tile as an MMA operand, the rows' positions, a zero score tile, the zero output
+    accumulator; then, once Q and the first K tile have landed (ring slot 0), the first block's scores and softmax.
+    Returns ``(q2, pos, s_zero, acc, p, m_i, l_part)``."""
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    pos = pos0 + gl.arange(0, BLOCK_M, layout=row_s)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    l_part = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bar.index(0), 0)
+    s = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
+    p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo, full_lo, full_hi, SK, WL, qk_scale, BLOCK_N,
+                                           s_layout)
+    return q2, pos, s_zero, acc, p, m_i, l_part
+
+
+@gluon.jit
 def _epilogue(acc, l_part, m_i, q_smem, q2, o_desc, LSE, pid_bh, off_b, off_h, start_m, SQ, BLOCK_M: gl.constexpr,
               row_s: gl.constexpr, row_o: gl.constexpr, WRITE_LSE: gl.constexpr):
     """Normalise, write O through the Q tile's shared memory by TMA (rows past the queries clipped), and the LSE."""
@@ -171,18 +192,8 @@ def attention_hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS
             if i < n_blocks:
                 _issue_load(v_desc, off_b, off_hk, lo + i * BLOCK_N, v_bar.index(i), v_smem.index(i))
 
-    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
-    pos = pos0 + gl.arange(0, BLOCK_M, layout=row_s)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    l_part = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-    mbarrier.wait(q_bar, 0)
-
-    mbarrier.wait(k_bar.index(0), 0)
-    s = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
-    p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo, full_lo, full_hi, SK, WL, qk_scale, BLOCK_N,
-                                           s_layout)
+    q2, pos, s_zero, acc, p, m_i, l_part = _first_block(q_smem, q_bar, k_smem, k_bar, pos0, lo, full_lo, full_hi, SK,
+                                                        WL, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, s_layout, o_layout)
     p_smem.index(0).store(p.to(dtype))
     fence_async_shared()
     gl.thread_barrier()
@@ -308,18 +319,8 @@ def attention_hopper_rows_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, G
             _issue_load(k_desc, off_b, off_hk, lo + i * BLOCK_N, k_bar.index(i), k_smem.index(i))
             _issue_load(v_desc, off_b, off_hk, lo + i * BLOCK_N, v_bar.index(i), v_smem.index(i))
 
-    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
-    pos = pos0 + gl.arange(0, BLOCK_M, layout=row_s)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    l_part = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-    mbarrier.wait(q_bar, 0)
-
-    mbarrier.wait(k_bar.index(0), 0)
-    s = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
-    p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo, full_lo, full_hi, SK, WL, qk_scale, BLOCK_N,
-                                           s_layout)
+    q2, pos, s_zero, acc, p, m_i, l_part = _first_block(q_smem, q_bar, k_smem, k_bar, pos0, lo, full_lo, full_hi, SK,
+                                                        WL, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, s_layout, o_layout)
     p_prev = gl.convert_layout(p.to(dtype), p_op)
     gl.thread_barrier()
     if 2 < n_blocks:
