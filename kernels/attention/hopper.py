@@ -15,9 +15,10 @@ columns from the whole probability tile. No dot product is computed twice.
 
 Pipeline (one program, 8 warps): Q is read once by the copy engine (TMA); K and V blocks stream through rings of
 ``K_STAGES`` / ``V_STAGES`` tiles (TMA + mbarriers; one ring of ``KV_STAGES`` tiles read as both when K is V).
-Each step issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` as asynchronous warpgroup MMAs, waits for ``S_j`` only, runs the softmax of block ``j`` while ``P_{j-1} V_{j-1}`` is still on the
-tensor cores, then waits, rescales ``O`` and stores ``P_j``. A K slot is refilled once both warpgroups have read
-it, a V slot once the MMA that read it has finished.
+Each step issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` as asynchronous warpgroup MMAs, waits for ``S_j``
+only, runs the softmax of block ``j`` while ``P_{j-1} V_{j-1}`` is still on the tensor cores, then waits, rescales
+``O`` and stores ``P_j``. A K slot is refilled once both warpgroups have read it, a V slot once the MMA that read it
+has finished.
 
 ``attention_hopper_rows_fwd_kernel`` (head_dim 256): 128 rows, a warpgroup owns 64 of them with the whole
 accumulator and keeps its probabilities in registers as the A operand of ``P V``.
