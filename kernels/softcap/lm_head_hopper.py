@@ -128,14 +128,10 @@ def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 
 def linear_softcap_configs() -> list[dict[str, int]]:
-    """The candidate configs (8 warps each; ``PROGRAMS_PER_SM`` persistent programs per multiprocessor, default 1):
-    128 x 256 output tiles with a 3-slot ring (the default: the largest ring that fits beside the 64 KB output tile),
-    128 x 128 tiles with a 4-slot ring, and 128 x 128 tiles in 96 KB (2 x 64-deep or 4 x 32-deep K slots), so two
-    programs share a multiprocessor and one's epilogue overlaps the other's MMAs. All fit sm_90's 227 KB of shared
-    memory per block."""
-    return [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=4),
-            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=2, PROGRAMS_PER_SM=2),
-            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, STAGES=4, PROGRAMS_PER_SM=2)]
+    """The candidate configs (8 warps each): 128 x 256 output tiles with a 3-slot ring (the default: the largest
+    ring that fits beside the 64 KB output tile) and 128 x 128 tiles with a 4-slot ring. All fit sm_90's 227 KB
+    of shared memory per block."""
+    return [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=4)]
 
 
 def pick_config() -> dict[str, int]:
@@ -168,13 +164,12 @@ def linear_softcap_fwd(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cap:
     """Launch ``linear_softcap_fwd_kernel``: ``out [M, N] = cap * tanh((x [M, K] @ w [N, K]^T) / cap)``.
 
     No validation (``hopper_unsupported`` is the check). ``cfg``: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
-    ``STAGES``, optional ``PROGRAMS_PER_SM``. ``programs``: persistent programs (default: ``PROGRAMS_PER_SM`` per SM,
-    at most one per tile)."""
+    ``STAGES``. ``programs``: persistent programs (default: one per SM, at most one per tile)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     m, k = x.shape
     n = w.shape[0]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    grid = (min(tiles, programs or sm_count(x.device) * cfg.get("PROGRAMS_PER_SM", 1)),)
+    grid = (min(tiles, programs or sm_count(x.device)),)
     with torch.cuda.device(x.device):
         linear_softcap_fwd_kernel[grid](
             _descriptor(x, [bm, bk]), _descriptor(w, [bn, bk]), _descriptor(out, [bm, bn]), m, n, k, 1.0 / cap,
