@@ -32,9 +32,18 @@ Scope and rules:
 - Memory: each signature keeps one memory pool (the largest layer's temporaries plus every layer's captured inputs
   and outputs); at most ``max_signatures`` signatures are kept, the least recently used is dropped.
 
+Whole text-model graphs (patched HF models only): a call of the text model that HF's top-level model makes for a
+plain forward (``input_ids`` only; no cache, ``use_cache=False``; no attention mask or the ready mask mapping of
+``gemma4_fast``'s masks; no hidden states or attentions requested) with no hook on any module of the text model, no
+global module hooks and no autograd graph to record is captured whole (embeddings, per-layer inputs, every layer,
+the final norm) on its second call per signature and replayed after: one launch instead of a host-side walk through
+35 layers, whose first kernels would otherwise wait for the host. Other calls run the per-layer graphs above.
+Invalidation as for layers (replaced or moved parameters, ``patch_model`` / ``unpatch_model``); the returned output
+holds clones.
+
 ``enable_prefill_graphs(model_or_bridge)`` / ``disable_prefill_graphs(...)``. On a TransformerBridge with fast
-kernels on, quiet blocks (``bridge_integration.quiet``) replay their layer; on a patched HF model every text decoder
-layer does.
+kernels on, quiet blocks (``bridge_integration.quiet``) replay their layer; on a patched HF model the text model or
+else every text decoder layer does.
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ import torch
 from torch import nn
 
 from . import patch
+from .hooks import WIRING, global_module_hooks
 
 logger = logging.getLogger("gemma4_fast")
 
@@ -183,10 +193,17 @@ class PrefillGraphs:
         #: sharing. What a buffer holds (``_HOLDS``) and which base it views (``_VIEW``) are attributes of the buffer.
         self._buffer_of: dict[int, tuple[Any, Any]] = {}
         self.copies_skipped = 0
+        #: Whole text-model graphs: signature -> entry (least recently used dropped beyond ``max_signatures``).
+        self.model_entries: OrderedDict[Any, _Entry] = OrderedDict()
+        self.model_replays = 0
+        self._hook_dicts: Optional[tuple[int, int, list]] = None
+        self._capturing_model = False
 
     def clear(self) -> None:
         self.pools.clear()
         self.entries.clear()
+        self.model_entries.clear()
+        self._hook_dicts = None
         self._buffer_of.clear()
 
     def _note(self, buf: torch.Tensor, src: torch.Tensor) -> None:
@@ -276,7 +293,7 @@ class PrefillGraphs:
         if cache is not None and not _fresh_dynamic(cache, self._layer_index(layer)):
             return None
         device = args[0].device
-        if device.type != "cuda" and not self.emulate:
+        if (device.type != "cuda" and not self.emulate) or self._capturing_model:
             return None
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
@@ -409,6 +426,127 @@ class PrefillGraphs:
         return self._returned(out)
 
 
+    def _model_hooked(self, model: nn.Module) -> bool:
+        """Whether any module of ``model`` has a forward (pre-)hook other than wiring (``hooks.WIRING``: e.g.
+        transformers' output-capturing hooks, which record only in calls that request hidden states or attentions,
+        never eligible here), or global module hooks are set. The hook dicts are collected once per model and patch
+        generation."""
+        known = self._hook_dicts
+        if known is None or known[0] != id(model) or known[1] != patch.GENERATION:
+            dicts = [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
+            known = self._hook_dicts = (id(model), patch.GENERATION, dicts)
+        for d in known[2]:
+            if d and any(not (getattr(fn, "__module__", None) or "").startswith(WIRING) for fn in d.values()):
+                return True
+        return global_module_hooks()
+
+    def _model_signature(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+        """The signature of a text-model call that can run as one graph, or None (see the module docstring)."""
+        ids = kwargs.get("input_ids")
+        if args or not isinstance(ids, torch.Tensor) or kwargs.get("use_cache") is not False:
+            return None
+        mask, pos, keep = kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs.get("logits_to_keep", 0)
+        if mask is not None and not (isinstance(mask, dict) and all(v is None for v in mask.values())):
+            return None
+        if (pos is not None and not isinstance(pos, torch.Tensor)) or type(keep) is not int:
+            return None
+        if any(v is not None and v is not False for k, v in kwargs.items() if k not in _MODEL_KWARGS):
+            return None
+        if ids.device.type != "cuda" and not self.emulate:
+            return None
+        if ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+            return None
+        if self._model_hooked(model):
+            return None
+        return (_signature(ids), None if pos is None else _signature(pos),
+                None if mask is None else tuple(sorted(mask)), keep)
+
+    def model_call(self, model: nn.Module, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Run ``fn(*args, **kwargs)`` (one call of the text model ``model``), through a whole-model graph when
+        eligible."""
+        sig = self._model_signature(model, args, kwargs)
+        if sig is None:
+            return fn(*args, **kwargs)
+        if self.generation != patch.GENERATION:
+            self.clear()
+            self.generation = patch.GENERATION
+        entry = self.model_entries.get(sig)
+        if entry is None:
+            while len(self.model_entries) >= self.max_signatures:
+                self.model_entries.popitem(last=False)
+            entry = self.model_entries[sig] = _Entry()
+        self.model_entries.move_to_end(sig)
+        if entry.graph is None:
+            entry.calls += 1
+            if entry.failed or entry.calls < 2:
+                return fn(**kwargs)
+            return self._capture_model(entry, model, fn, kwargs)
+        if entry.weights() != entry.params:
+            del self.model_entries[sig]
+            return fn(**kwargs)
+        for k, v in entry.kwargs.items():
+            if isinstance(v, torch.Tensor):
+                self._copy_into(v, kwargs[k])
+        entry.graph.replay()
+        self.model_replays += 1
+        return _output_clone(entry.out)
+
+    def _capture_model(self, entry: _Entry, model: nn.Module, fn: Callable[..., Any], kwargs: dict) -> Any:
+        statics = {}
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                statics[k] = v.clone()
+                self._note(statics[k], v)
+            else:
+                statics[k] = v
+        self._capturing_model = True
+        try:
+            if self.emulate:
+                graph = _Emulated()
+                out = fn(**statics)
+            else:
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
+                    out = fn(**statics)
+            values = list(out.values()) if hasattr(out, "values") else None
+            if values is None or not values or not all(isinstance(v, torch.Tensor) for v in values):
+                raise TypeError(f"returns {type(out).__name__} holding more than tensors")
+        except Exception as exc:  # a host sync, an unsupported op or output: per-layer graphs for this signature
+            entry.failed = True
+            logger.warning("prefill graphs: %s keeps per-layer graphs for input %s (whole-model capture failed: %s)",
+                           type(model).__name__, tuple(kwargs["input_ids"].shape), exc)
+            return fn(**kwargs)
+        finally:
+            self._capturing_model = False
+        if self.emulate:
+            def run() -> list[torch.Tensor]:
+                self._capturing_model = True  # as in a CUDA replay, the layers' own graphs stay out of it
+                try:
+                    return list(fn(**statics).values())
+                finally:
+                    self._capturing_model = False
+            graph.run = run
+            graph.targets = values
+        entry.kwargs, entry.out, entry.graph = statics, out, graph
+        entry.param_dicts = [m._parameters for m in model.modules()]
+        entry.params = entry.weights()
+        graph.replay()
+        self.model_replays += 1
+        return _output_clone(out)
+
+
+#: Text-model call arguments a whole-model graph reads (any other must be None or False).
+_MODEL_KWARGS = ("input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep")
+
+
+def _output_clone(out: Any) -> Any:
+    """A new output of ``out``'s class holding clones of its tensors."""
+    return type(out)(**{k: v.clone() for k, v in out.items()})
+
+
 def _hf_model(obj: Any) -> nn.Module:
     return obj.original_model if hasattr(obj, "original_model") and hasattr(obj, "hook_dict") else obj
 
@@ -417,15 +555,18 @@ def _is_bridge(obj: Any) -> bool:
     return hasattr(obj, "hook_dict") and hasattr(obj, "blocks")
 
 
-def enable_prefill_graphs(obj: Any, max_signatures: int = 2) -> PrefillGraphs:
+def enable_prefill_graphs(obj: Any, max_signatures: int = 2, whole_model: bool = True) -> PrefillGraphs:
     """Replay decoder-layer prefill calls of ``obj`` from CUDA graphs (see the module docstring).
 
     Args:
         obj: a TransformerBridge with fast kernels on (its quiet blocks replay), or an HF Gemma 4 model patched with
             ``patch_model`` (every text decoder layer replays).
         max_signatures: how many forward shapes keep their graphs (each holds one memory pool).
+        whole_model: on a patched HF model, also capture eligible text-model calls whole (see the module docstring;
+            ignored for a TransformerBridge).
     Returns:
-        the ``PrefillGraphs`` object (``.replays`` counts layer replays; ``.clear()`` frees every graph).
+        the ``PrefillGraphs`` object (``.replays`` counts layer replays, ``.model_replays`` whole-model replays;
+        ``.clear()`` frees every graph).
     """
     graphs = PrefillGraphs(max_signatures)
     if _is_bridge(obj):
@@ -439,13 +580,23 @@ def enable_prefill_graphs(obj: Any, max_signatures: int = 2) -> PrefillGraphs:
             block.__dict__[ATTR] = graphs
         return graphs
     from .decode import _text_layers
-    from .patch import is_patched
+    from .patch import _text_roots, is_patched
 
     model = _hf_model(obj)
     if not is_patched(model):
         raise ValueError("prefill graphs need a model patched with gemma4_fast.patch_model")
     disable_prefill_graphs(model)
     model.__dict__[ATTR] = graphs
+    if whole_model:
+        text_model = _text_roots(model)[0][1]
+
+        def plain_model(*args, **kwargs):
+            return type(text_model).forward(text_model, *args, **kwargs)
+
+        def model_forward(*args, **kwargs):
+            return graphs.model_call(text_model, plain_model, args, kwargs)
+        model_forward._g4f_prefill = True  # type: ignore[attr-defined]
+        text_model.__dict__["forward"] = model_forward
     for layer in _text_layers(model):
         def plain(*args, _layer=layer, **kwargs):  # the class's forward at call time (patching swaps classes)
             return type(_layer).forward(_layer, *args, **kwargs)
@@ -472,10 +623,12 @@ def disable_prefill_graphs(obj: Any) -> None:
         layers = _text_layers(obj)
     except ValueError:
         return
-    for layer in layers:
-        fwd = layer.__dict__.get("forward")
+    from .patch import _text_roots
+
+    for module in [_text_roots(obj)[0][1], *layers]:
+        fwd = module.__dict__.get("forward")
         if getattr(fwd, "_g4f_prefill", False):
-            del layer.__dict__["forward"]
+            del module.__dict__["forward"]
 
 
 def prefill_graphs(obj: Any) -> Optional[PrefillGraphs]:

@@ -35,9 +35,9 @@ def _graphed(name, device="cpu", backend="torch", **kw):
 
 @pytest.mark.parametrize("name,keep", [("tiny-ple-kv-shared", 0), ("tiny-ple-kv-shared", 1), ("tiny-moe", 0)])
 def test_patched_model_replays_every_layer_and_matches_eager(name, keep, emulated):
-    """``keep=1``: HF (>= 5.23) runs the KV-shared layers on the last position only; they read the keys/values
-    the captured earlier layers republish."""
-    ref, model, graphs = _graphed(name)
+    """Per-layer graphs (``whole_model=False``). ``keep=1``: HF (>= 5.23) runs the KV-shared layers on the last
+    position only; they read the keys/values the captured earlier layers republish."""
+    ref, model, graphs = _graphed(name, whole_model=False)
     n_layers = model.config.num_hidden_layers
     with torch.no_grad():
         for call, seed in enumerate((0, 1, 2, 3)):
@@ -64,7 +64,7 @@ def _graphed_bridge(name):
 
 
 def test_a_replaced_weight_drops_the_graph(emulated):
-    ref, model, graphs = _graphed("tiny-moe")
+    ref, model, graphs = _graphed("tiny-moe", whole_model=False)
     ids = _ids(0)
     with torch.no_grad():
         for _ in range(3):
@@ -275,7 +275,7 @@ def test_cuda_prefill_graphs_match_eager():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     name = "tiny-ple-kv-shared"
-    ref, model, graphs = _graphed(name, device="cuda", backend="triton")
+    ref, model, graphs = _graphed(name, device="cuda", backend="triton", whole_model=False)
     with torch.no_grad():
         for seed in range(4):
             ids = _ids(seed).cuda()
@@ -305,4 +305,90 @@ def test_decode_layer_graphs_leave_the_prefill_wrappers_in_place(emulated, monke
         for seed in range(3):
             torch.testing.assert_close(model(_ids(seed), use_cache=False).logits,
                                        ref(_ids(seed), use_cache=False).logits, rtol=1e-4, atol=1e-4)
-    assert graphs.replays > 0
+    assert graphs.model_replays > 0
+    assert getattr(model.model.__dict__.get("forward"), "_g4f_prefill", False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole text-model graphs
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,keep", [("tiny-ple-kv-shared", 0), ("tiny-ple-kv-shared", 1), ("tiny-moe", 0),
+                                       ("tiny-dense-k-eq-v", 1)])
+def test_plain_forwards_replay_the_whole_text_model(name, keep, emulated):
+    """A plain forward warms up, the next captures the text model whole, later ones replay it (new ids copied into
+    the captured buffer); no layer graph is made, and logits equal HF's."""
+    ref, model, graphs = _graphed(name)
+    with torch.no_grad():
+        for call, seed in enumerate((0, 1, 2, 3)):
+            ids = _ids(seed)
+            out = model(ids, use_cache=False, logits_to_keep=keep).logits
+            torch.testing.assert_close(out, ref(ids, use_cache=False, logits_to_keep=keep).logits, rtol=1e-4,
+                                       atol=1e-4)
+            assert graphs.model_replays == call
+    assert graphs.replays == 0 and not any(e.graph is not None for e in graphs.entries.values())
+    disable_prefill_graphs(model)
+    assert "forward" not in model.model.__dict__
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)
+
+
+def test_whole_model_graph_only_for_plain_unhooked_calls(emulated):
+    """Hooks on any module, an attention mask, a cache, hidden states, gradients: the call takes the per-layer path
+    (and still equals HF); a later plain call replays the whole model again."""
+    ref, model, graphs = _graphed("tiny-ple-kv-shared")
+    ids = _ids(0)
+    with torch.no_grad():
+        for _ in range(3):
+            model(ids, use_cache=False)
+        assert graphs.model_replays == 2
+        handle = model.model.layers[4].mlp.register_forward_hook(lambda m, a, o: None)
+        hooked = model(ids, use_cache=False).logits
+        handle.remove()
+        masked = model(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        cached = model(ids, use_cache=True).logits
+        hidden = model(ids, use_cache=False, output_hidden_states=True).logits
+        assert graphs.model_replays == 2
+        want = ref(ids, use_cache=False).logits
+        for got in (hooked, masked, cached, hidden):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        model(ids, use_cache=False)
+        assert graphs.model_replays == 3
+    model(ids, use_cache=False).logits.sum().backward()
+    assert graphs.model_replays == 3
+
+
+def test_whole_model_outputs_are_kept_and_replaced_weights_recapture(emulated):
+    ref, model, graphs = _graphed("tiny-moe")
+    with torch.no_grad():
+        for seed in range(3):
+            first = model.model(input_ids=_ids(0), use_cache=False).last_hidden_state
+        snapshot = first.clone()
+        model.model(input_ids=_ids(5), use_cache=False)
+        assert torch.equal(first, snapshot) and graphs.model_replays == 3
+        new = torch.nn.Parameter(torch.randn_like(model.model.layers[1].mlp.down_proj.weight))
+        model.model.layers[1].mlp.down_proj.weight = new
+        ref.model.layers[1].mlp.down_proj.weight = torch.nn.Parameter(new.detach().clone())
+        hidden = model.model(input_ids=_ids(0), use_cache=False).last_hidden_state
+        assert graphs.model_replays == 3 and not graphs.model_entries
+        torch.testing.assert_close(hidden, ref.model(input_ids=_ids(0), use_cache=False).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+        for seed in range(3):
+            out = model(_ids(seed), use_cache=False).logits
+        assert graphs.model_replays == 5
+        torch.testing.assert_close(out, ref(_ids(2), use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_whole_model_graph_matches_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ref, model, graphs = _graphed("tiny-ple-kv-shared", device="cuda", backend="triton")
+    with torch.no_grad():
+        for seed in range(4):
+            ids = _ids(seed).cuda()
+            for keep in (0, 1):
+                got = model(ids, use_cache=False, logits_to_keep=keep).logits
+                torch.testing.assert_close(got, ref(ids, use_cache=False, logits_to_keep=keep).logits, rtol=1e-3,
+                                           atol=1e-3)
+    assert not any(e.failed for e in graphs.model_entries.values())
+    assert graphs.model_replays == 6 and graphs.replays == 0
