@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
+from itertools import chain
 from typing import Any, Callable, Optional
 
 import torch
@@ -168,8 +169,10 @@ class _Entry:
         self.params: tuple = ()
 
     def weights(self) -> tuple:
-        """Identity and storage of every parameter the graph reads (a replaced or moved weight invalidates it)."""
-        return tuple((id(p), p.data_ptr()) for d in self.param_dicts for p in d.values() if p is not None)
+        """Identity and storage of every parameter the graph reads (a replaced or moved weight invalidates it).
+        Iterates in C where it can: the whole-model check runs before each replay, on the critical path."""
+        params = [p for p in chain.from_iterable(map(dict.values, self.param_dicts)) if p is not None]
+        return list(map(id, params)), list(map(torch.Tensor.data_ptr, params))
 
 
 class PrefillGraphs:
@@ -435,9 +438,10 @@ class PrefillGraphs:
         if known is None or known[0] != id(model) or known[1] != patch.GENERATION:
             dicts = [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
             known = self._hook_dicts = (id(model), patch.GENERATION, dicts)
-        for d in known[2]:
-            if d and any(not (getattr(fn, "__module__", None) or "").startswith(WIRING) for fn in d.values()):
-                return True
+        if any(known[2]):
+            for d in known[2]:
+                if d and any(not (getattr(fn, "__module__", None) or "").startswith(WIRING) for fn in d.values()):
+                    return True
         return global_module_hooks()
 
     def _model_signature(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
