@@ -167,6 +167,7 @@ class _Entry:
         self.recorder: Optional[_RecordingCache] = None
         self.param_dicts: list[dict] = []
         self.params: tuple = ()
+        self.storages: list = []
 
     def weights(self) -> tuple:
         """Identity and storage of every parameter the graph reads (a replaced or moved weight invalidates it).
@@ -200,7 +201,7 @@ class PrefillGraphs:
         self.model_entries: OrderedDict[Any, _Entry] = OrderedDict()
         self.model_replays = 0
         self._hook_dicts: Optional[tuple[int, int, list]] = None
-        self._capturing_model = False
+        self._in_whole_model = False
 
     def clear(self) -> None:
         self.pools.clear()
@@ -296,7 +297,7 @@ class PrefillGraphs:
         if cache is not None and not _fresh_dynamic(cache, self._layer_index(layer)):
             return None
         device = args[0].device
-        if (device.type != "cuda" and not self.emulate) or self._capturing_model:
+        if (device.type != "cuda" and not self.emulate) or self._in_whole_model:
             return None
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
@@ -484,18 +485,33 @@ class PrefillGraphs:
         self.model_entries.move_to_end(sig)
         if entry.graph is None:
             entry.calls += 1
-            if entry.failed or entry.calls < 2:
+            if entry.failed:
                 return fn(**kwargs)
+            if entry.calls < 2:  # the warm-up: the layers run eagerly, as they will inside the capture
+                return self._whole(fn, kwargs)
             return self._capture_model(entry, model, fn, kwargs)
-        if entry.weights() != entry.params:
-            del self.model_entries[sig]
-            return fn(**kwargs)
         for k, v in entry.kwargs.items():
             if isinstance(v, torch.Tensor):
                 self._copy_into(v, kwargs[k])
         entry.graph.replay()
+        # Checked after the launch, off the critical path: the entry keeps every captured parameter's storage alive,
+        # so a replay after a weight was replaced or moved reads valid (stale) memory, and its output is dropped.
+        if entry.weights() != entry.params:
+            if not self.emulate:
+                torch.cuda.current_stream(kwargs["input_ids"].device).synchronize()
+            del self.model_entries[sig]
+            return fn(**kwargs)
         self.model_replays += 1
         return _output_clone(entry.out)
+
+    def _whole(self, fn: Callable[..., Any], kwargs: dict) -> Any:
+        """``fn(**kwargs)`` with the per-layer graphs off (inside a whole-model warm-up, capture or emulated
+        replay)."""
+        self._in_whole_model = True
+        try:
+            return fn(**kwargs)
+        finally:
+            self._in_whole_model = False
 
     def _capture_model(self, entry: _Entry, model: nn.Module, fn: Callable[..., Any], kwargs: dict) -> Any:
         statics = {}
@@ -505,16 +521,15 @@ class PrefillGraphs:
                 self._note(statics[k], v)
             else:
                 statics[k] = v
-        self._capturing_model = True
         try:
             if self.emulate:
                 graph = _Emulated()
-                out = fn(**statics)
+                out = self._whole(fn, statics)
             else:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
-                    out = fn(**statics)
+                    out = self._whole(fn, statics)
             values = list(out.values()) if hasattr(out, "values") else None
             if values is None or not values or not all(isinstance(v, torch.Tensor) for v in values):
                 raise TypeError(f"returns {type(out).__name__} holding more than tensors")
@@ -523,20 +538,13 @@ class PrefillGraphs:
             logger.warning("prefill graphs: %s keeps per-layer graphs for input %s (whole-model capture failed: %s)",
                            type(model).__name__, tuple(kwargs["input_ids"].shape), exc)
             return fn(**kwargs)
-        finally:
-            self._capturing_model = False
         if self.emulate:
-            def run() -> list[torch.Tensor]:
-                self._capturing_model = True  # as in a CUDA replay, the layers' own graphs stay out of it
-                try:
-                    return list(fn(**statics).values())
-                finally:
-                    self._capturing_model = False
-            graph.run = run
+            graph.run = lambda: list(self._whole(fn, statics).values())
             graph.targets = values
         entry.kwargs, entry.out, entry.graph = statics, out, graph
         entry.param_dicts = [m._parameters for m in model.modules()]
         entry.params = entry.weights()
+        entry.storages = [p.untyped_storage() for d in entry.param_dicts for p in d.values() if p is not None]
         graph.replay()
         self.model_replays += 1
         return _output_clone(out)

@@ -81,15 +81,21 @@ def test_a_replaced_weight_drops_the_graph(emulated):
 def test_unpatch_drops_the_graphs(emulated):
     from gemma4_fast import unpatch_model
 
-    ref, model, graphs = _graphed("tiny-dense-k-eq-v")
+    ref, model, graphs = _graphed("tiny-dense-k-eq-v", whole_model=False)
+    _, whole, whole_graphs = _graphed("tiny-dense-k-eq-v")
     ids = _ids(0)
     with torch.no_grad():
         for _ in range(3):
             model(ids, use_cache=False)
-        assert graphs.entries
+            whole(ids, use_cache=False)
+        assert graphs.entries and whole_graphs.model_entries
         unpatch_model(model)
+        unpatch_model(whole)
         out = model(ids, use_cache=False).logits
+        out_whole = whole(ids, use_cache=False).logits
     assert all(e.graph is None for e in graphs.entries.values())
+    assert all(e.graph is None for e in whole_graphs.model_entries.values()) and whole_graphs.model_replays == 2
+    torch.testing.assert_close(out_whole, ref(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out, ref(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
 
 
@@ -326,7 +332,7 @@ def test_plain_forwards_replay_the_whole_text_model(name, keep, emulated):
             torch.testing.assert_close(out, ref(ids, use_cache=False, logits_to_keep=keep).logits, rtol=1e-4,
                                        atol=1e-4)
             assert graphs.model_replays == call
-    assert graphs.replays == 0 and not any(e.graph is not None for e in graphs.entries.values())
+    assert graphs.replays == 0 and not graphs.entries
     disable_prefill_graphs(model)
     assert "forward" not in model.model.__dict__
     assert not any("forward" in layer.__dict__ for layer in model.model.layers)
@@ -374,6 +380,12 @@ def test_whole_model_outputs_are_kept_and_replaced_weights_recapture(emulated):
                                    rtol=1e-4, atol=1e-4)
         for seed in range(3):
             out = model(_ids(seed), use_cache=False).logits
+        assert graphs.model_replays == 5
+        torch.testing.assert_close(out, ref(_ids(2), use_cache=False).logits, rtol=1e-4, atol=1e-4)
+        moved = torch.randn_like(model.model.layers[0].self_attn.q_proj.weight)
+        model.model.layers[0].self_attn.q_proj.weight.data = moved
+        ref.model.layers[0].self_attn.q_proj.weight.data = moved.clone()
+        out = model(_ids(2), use_cache=False).logits
         assert graphs.model_replays == 5
         torch.testing.assert_close(out, ref(_ids(2), use_cache=False).logits, rtol=1e-4, atol=1e-4)
 
