@@ -361,8 +361,10 @@ def make_work(case: ModelCase, what: str, S: int, impl: str) -> Work:
             import gemma4_fast
             graphs = gemma4_fast.graphs.prefill_graphs(case.graphs_on)
             entries = list(graphs.entries.values()) if graphs is not None else []
+            whole = list(graphs.model_entries.values()) if graphs is not None else []
             out.update(graph_layers=sum(e.graph is not None for e in entries),
-                       graph_capture_failures=sum(e.failed for e in entries))
+                       graph_models=sum(e.graph is not None for e in whole),
+                       graph_capture_failures=sum(e.failed for e in entries + whole))
         return out
 
     if what == "hf_generate":
