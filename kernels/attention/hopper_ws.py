@@ -1,0 +1,218 @@
+"""Warp-specialized Hopper (sm_90) prefill attention for head_dim <= 256, in Gluon:
+``attention_hopper_ws_fwd_kernel`` and its launcher ``attention_hopper_ws_fwd``.
+
+Scope: what ``hopper.hopper_unsupported`` accepts, at head_dim <= 256: bf16 / fp16 q ``[B, Hq, Sq, D]``, k / v
+``[B, Hkv, Sk, D]``, causal (optionally with a window), no softcap, no key padding mask, queries at the end of the
+keys.
+
+Why: ``attention_hopper_rows_fwd_kernel`` gives each of its two warpgroups 64 of a program's 128 query rows, but one
+CTA-wide barrier a step (the refill of a K / V ring slot must wait until both warpgroups have read it) keeps the
+warpgroups in lockstep, so one's softmax cannot run under the other's MMAs. Here the refills move to a producer
+warp and the slots are released through mbarriers that each consumer warpgroup arrives on when its MMA that read
+the slot has finished: the consumers drift apart and the tensor cores see one warpgroup's MMAs while the other
+runs its softmax (the schedule FlashAttention 3 uses).
+
+Partitions (``gl.warp_specialize``): the default partition (4 warps) and a 4-warp worker are the consumers, rows
+``[0, 64)`` and ``[64, 128)`` of the program's query block; a 1-warp worker issues every TMA load. Per consumer and
+step ``j``: ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` as asynchronous warpgroup MMAs, the softmax of block ``j``
+while ``P_{j-1} V_{j-1}`` runs, then ``K_j``'s and ``V_{j-1}``'s slots released. K and V have rings of
+``K_STAGES`` / ``V_STAGES`` tiles; the producer loads ``K_{j+1}`` before ``V_j``, the order the consumers need them.
+The softmax, masking, band and epilogue are those of ``hopper.py``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
+
+from .hopper import _descriptor, _issue_load, _program_band, _softmax_block
+
+#: Query rows of a program (64 per consumer warpgroup).
+WS_BLOCK_M = 128
+#: Warps of the default partition (one consumer warpgroup); the kernel adds a 4-warp consumer and a 1-warp producer.
+WS_NUM_WARPS = 4
+#: Registers per thread at launch (12 warps' worth fit 64K) and after reallocation: consumers, producer.
+WS_MAXNREG = 168
+WS_CONSUMER_REGS = gl.constexpr(240)
+WS_PRODUCER_REGS = gl.constexpr(24)
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                 H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE):
+    """The 1-warp load partition: both Q halves, then ``K_0``, and per step ``K_{j+1}`` and ``V_j``, each into its
+    ring slot once both consumers have released the tile that held it."""
+    HALF: gl.constexpr = 64
+    BLOCK_N: gl.constexpr = k_smem.type.shape[3]
+    K_STAGES: gl.constexpr = k_smem.type.shape[0]
+    V_STAGES: gl.constexpr = v_smem.type.shape[0]
+    pid_bh, off_b, off_h, off_hk, start_m, pos0, lo, full_lo, full_hi, n_blocks = _program_band(
+        H_Q, GROUPS, SQ, SK, WL, 2 * HALF, BLOCK_N)
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, 0], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m + HALF, 0], q_bar, q_smem.index(1))
+    _issue_load(k_desc, off_b, off_hk, lo, k_bar.index(0), k_smem.index(0))
+    for j in range(n_blocks):
+        nk = j + 1
+        if nk < n_blocks:
+            ks = nk % K_STAGES
+            mbarrier.wait(k_free.index(ks), ((nk // K_STAGES) & 1) ^ 1)
+            _issue_load(k_desc, off_b, off_hk, lo + nk * BLOCK_N, k_bar.index(ks), k_smem.index(ks))
+        vs = j % V_STAGES
+        mbarrier.wait(v_free.index(vs), ((j // V_STAGES) & 1) ^ 1)
+        _issue_load(v_desc, off_b, off_hk, lo + j * BLOCK_N, v_bar.index(vs), v_smem.index(vs))
+
+
+@gluon.jit
+def _ws_consume(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE, HALF_IDX: gl.constexpr):
+    """One consumer warpgroup: rows ``[64 * HALF_IDX, 64 * HALF_IDX + 64)`` of the program's query block, every
+    key block of the band (blocks a row does not see are masked), then its half of the output and, when
+    ``WRITE_LSE`` is nonzero, the LSE."""
+    HALF: gl.constexpr = 64
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[4]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[3]
+    K_STAGES: gl.constexpr = k_smem.type.shape[0]
+    V_STAGES: gl.constexpr = v_smem.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_desc.dtype
+    p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    pid_bh, off_b, off_h, off_hk, start_m, pos0, lo, full_lo, full_hi, n_blocks = _program_band(
+        H_Q, GROUPS, SQ, SK, WL, 2 * HALF, BLOCK_N)
+    my_start = start_m + HALF_IDX * HALF
+    q_tile = q_smem.index(HALF_IDX)
+    q2 = q_tile.reshape([HALF, HEAD_DIM])
+    pos = pos0 + HALF_IDX * HALF + gl.arange(0, HALF, layout=row_s)
+    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+    l_part = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    m_i = gl.full([HALF], float("-inf"), gl.float32, row_s)
+
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bar.index(0), 0)
+    s = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
+    mbarrier.arrive(k_free.index(0), count=1)
+    p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo, full_lo, full_hi, SK, WL, qk_scale, BLOCK_N,
+                                           s_layout)
+    p_prev = gl.convert_layout(p.to(dtype), p_op)
+
+    for j in range(1, n_blocks):
+        ks = j % K_STAGES
+        vs = (j - 1) % V_STAGES
+        start_n = lo + j * BLOCK_N
+        mbarrier.wait(k_bar.index(ks), (j // K_STAGES) & 1)
+        kt = k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(q2, kt, s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_bar.index(vs), ((j - 1) // V_STAGES) & 1)
+        acc_tok = warpgroup_mma(p_prev, v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        mbarrier.arrive(k_free.index(ks), count=1)
+        p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, start_n, full_lo, full_hi, SK, WL, qk_scale,
+                                               BLOCK_N, s_layout)
+        acc, p_prev = warpgroup_mma_wait(0, deps=[acc_tok, p_prev])
+        mbarrier.arrive(v_free.index(vs), count=1)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        p_prev = gl.convert_layout(p.to(dtype), p_op)
+
+    last = n_blocks - 1
+    mbarrier.wait(v_bar.index(last % V_STAGES), (last // V_STAGES) & 1)
+    acc = warpgroup_mma(p_prev, v_smem.index(last % V_STAGES).reshape([BLOCK_N, HEAD_DIM]), acc)
+    mbarrier.arrive(v_free.index(last % V_STAGES), count=1)
+
+    l_i = gl.sum(l_part, 1)
+    nonempty = l_i > 0.0
+    l_safe = gl.where(nonempty, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+    q2.store(out.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, my_start, 0], q_tile)
+    if WRITE_LSE != 0:
+        rows = my_start + gl.arange(0, HALF, layout=row_s)
+        lse = gl.where(nonempty, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _ws_consumer_hi(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                    H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE):
+    """The worker consumer: rows ``[64, 128)``."""
+    _ws_consume(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE, 1)
+
+
+@gluon.jit
+def _ws_consumer_lo(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                    H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE):
+    """The default-partition consumer: rows ``[0, 64)``."""
+    _ws_consume(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE, 0)
+
+
+@gluon.jit
+def attention_hopper_ws_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE,
+                                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+                                   V_STAGES: gl.constexpr):
+    """One program: 128 queries of one (batch, query head), all ``HEAD_DIM`` output columns, in three partitions
+    (see the module docstring). Grid ``(cdiv(Sq, 128), B * Hq)``, heaviest query block first. ``q_desc`` /
+    ``o_desc``: 4-D TMA descriptors over ``[B, H, S, D]`` with blocks ``[1, 1, 64, D]``; ``k_desc`` / ``v_desc``
+    with blocks ``[1, 1, BLOCK_N, D]`` (reads past the keys zero-filled, writes past the queries clipped). Causal with
+    ``WL = window - 1`` (``1 << 30`` without a window). ``LSE``: ``[B, Hq, Sq]`` fp32 (natural log), written when
+    ``WRITE_LSE`` is nonzero (a run-time flag: worker partitions take no compile-time arguments; they read the tile
+    sizes from their shared-memory buffers)."""
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, 64, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(k_free.index(i), count=2)
+    for i in gl.static_range(V_STAGES):
+        mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(v_free.index(i), count=2)
+    fence_async_shared()
+    args = (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, H_Q,
+            GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE)
+    gl.warp_specialize([(_ws_consumer_lo, args), (_ws_consumer_hi, args), (_ws_producer, args)], [4, 1],
+                       [WS_CONSUMER_REGS, WS_PRODUCER_REGS])
+
+
+def ws_configs() -> list[dict[str, int]]:
+    """The candidate configs: 64-key steps with two-tile K and V rings (192 KB with the two 64-row Q halves), or a
+    three-tile K ring (224 KB)."""
+    return [dict(BLOCK_N=64, K_STAGES=2, V_STAGES=2), dict(BLOCK_N=64, K_STAGES=3, V_STAGES=2)]
+
+
+def attention_hopper_ws_fwd(q, k, v, o, lse, *, scale: float, window, config: dict) -> None:
+    """Launch ``attention_hopper_ws_fwd_kernel`` into ``o`` (``[B, Hq, Sq, D]``, D <= 256) and ``lse``
+    (``[B, Hq, Sq]`` contiguous fp32, or None). Inputs as accepted by ``hopper.hopper_unsupported``. ``config``:
+    ``BLOCK_N``, ``K_STAGES`` / ``V_STAGES`` (default 2 / 2)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    wl = (1 << 30) if window is None else int(window) - 1
+    bn = config["BLOCK_N"]
+    grid = (triton.cdiv(Sq, WS_BLOCK_M), B * Hq)
+    if lse is None:
+        lse_arg = torch.empty(1, device=q.device, dtype=torch.float32)
+    else:
+        lse_arg = lse
+    attention_hopper_ws_fwd_kernel[grid](
+        _descriptor(q, 64), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, 64), lse_arg, Hq, Hq // Hkv, Sq,
+        Sk, wl, float(scale) * 1.4426950408889634, int(lse is not None), HEAD_DIM=D, BLOCK_N=bn,
+        K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2), num_warps=WS_NUM_WARPS,
+        maxnreg=WS_MAXNREG)
