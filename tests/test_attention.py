@@ -465,15 +465,19 @@ def _need_hopper():
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=lambda c: "B{}H{}-{}S{}x{}D{}w{}kv{}-{}".format(*c))
 @pytest.mark.parametrize("cfg", [{"BLOCK_N": 32}, {"BLOCK_N": 32, "KV_BLOCK_N": 64, "KV_STAGES": 2},
-                                 {"BLOCK_N": 64, "K_STAGES": 1, "V_STAGES": 1}], ids=["n32", "kv64", "n64k1v1"])
+                                 {"BLOCK_N": 64, "K_STAGES": 1, "V_STAGES": 1}, {"BLOCK_N": 64, "WS": 1},
+                                 {"BLOCK_N": 64, "WS": 1, "K_STAGES": 3}],
+                         ids=["n32", "kv64", "n64k1v1", "ws", "ws-k3"])
 def test_hopper_kernel_gpu(case, cfg):
-    """The Gluon kernel launched directly into NaN-filled outputs, against the fp64 reference by the three-way
+    """The Gluon kernels launched directly into NaN-filled outputs, against the fp64 reference by the three-way
     rule (odd lengths, one-query and one-key launches, chunked prefill, GQA 1-16, windows 1 / 129 / beyond the
-    keys, K is V, batch 2, fp16)."""
+    keys, K is V, batch 2, fp16); ``ws``: the warp-specialized head_dim-256 kernel."""
     from gemma4_fast.kernels.attention import hopper as H
     _need_hopper()
     B, Hq, Hkv, Sq, Sk, D, window, kv_same, dtype = case
-    if cfg["BLOCK_N"] == 64 and kv_same:
+    if cfg.get("WS") and D != 256:
+        pytest.skip("the warp-specialized kernel serves head_dim 256")
+    if cfg["BLOCK_N"] == 64 and kv_same and not cfg.get("WS"):
         pytest.skip("a config for separate K and V")
     g = torch.Generator(device="cuda").manual_seed(Sq + Sk)
     q, k, v, _ = make_inputs(B, Hq, Hkv, Sq, Sk, D, dtype=dtype, device="cuda", kv_same=kv_same, gen=g)
@@ -500,10 +504,15 @@ def test_hopper_dispatch_gpu(poison, monkeypatch):
     gpu_case(1, 8, 1, 515, 515, 512, pad=[7], scale=1.0)
     gpu_case(1, 8, 1, 515, 515, 512, softcap=50.0, scale=1.0)
     assert calls == [1]
-    from gemma4_fast.kernels.attention import configs
-    if configs.select_config("fwd", 256, torch.bfloat16, "causal", 9001, torch.device("cuda")).get("HOPPER"):
-        gpu_case(1, 2, 1, 9001, 9001, 256)  # head_dim 256, causal, 16k bucket: the H100 table's Hopper entry
-        assert calls == [1, 1]
+    from gemma4_fast.kernels.attention import configs, hopper_ws
+    ws_calls = []
+    real_ws = hopper_ws.attention_hopper_ws_fwd
+    monkeypatch.setattr(hopper_ws, "attention_hopper_ws_fwd", lambda *a, **kw: ws_calls.append(1) or real_ws(*a, **kw))
+    if configs.select_config("fwd", 256, torch.bfloat16, "causal", 9001, torch.device("cuda")).get("WS"):
+        gpu_case(1, 2, 1, 9001, 9001, 256)  # head_dim 256, causal: the H100 table's warp-specialized entry
+        gpu_case(1, 8, 1, 1000, 1000, 256, window=512)  # a sliding layer
+        gpu_case(1, 8, 1, 1000, 1000, 256, window=512, pad=[7])  # padded: the portable kernel
+        assert calls == [1, 1, 1] and ws_calls == [1, 1]
 
 
 def test_hopper_config_policy_on_cpu(monkeypatch):
@@ -514,6 +523,9 @@ def test_hopper_config_policy_on_cpu(monkeypatch):
     assert configs.attention_fwd_configs(512, 2, 90)[0].get("HOPPER") == 1
     assert not any(c.get("HOPPER") for c in configs.attention_fwd_configs(512, 2, 80))
     assert not configs.portable_config(512, 2, 90).get("HOPPER")
+    assert configs.attention_fwd_configs(256, 2, 90)[0].get("WS") == 1
+    assert not any(c.get("HOPPER") for c in configs.attention_fwd_configs(256, 2, 80))
+    assert not configs.portable_config(256, 2, 90).get("HOPPER")
     assert configs.portable_config(512, 2, 90) == configs.attention_fwd_configs(512, 2, 90)[1]
     monkeypatch.setenv(configs.ENV_FWD, CPU_TILES[configs.ENV_FWD])
     assert "HOPPER" not in configs.select_config("fwd", 512, torch.float16, "causal", 100, torch.device("cpu"))

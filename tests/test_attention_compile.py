@@ -74,9 +74,9 @@ def compile_like_launch(kernel, dt: str, constexprs: dict, capability: int, num_
 
 
 def compile_hopper(head_dim: int, dt: str, cfg: dict, *, binary: bool = False):
-    """Compile, for sm_90, the Gluon kernel of ``hopper.py`` that ``attention_hopper_fwd`` launches for ``head_dim``
-    and ``cfg`` (the head_dim-256 rows kernel, or the head_dim-512 kernel with the ring depths the launcher would
-    cut to), with the descriptors a launch over HF's layout passes (q / o views of ``[B, S, H, D]``, k / v
+    """Compile, for sm_90, the Gluon kernel that ``attention_hopper_fwd`` launches for ``head_dim`` and ``cfg`` (at
+    head_dim 256 the warp-specialized kernel of ``hopper_ws.py`` for ``WS`` configs, else the rows kernel; the
+    head_dim-512 kernel with the ring depths the launcher would cut to), with the descriptors a launch over HF's layout passes (q / o views of ``[B, S, H, D]``, k / v
     ``[B, H, S, D]``); returns shared bytes (``binary``: the compiled kernel's cubin too)."""
     import torch
     import triton
@@ -90,7 +90,14 @@ def compile_hopper(head_dim: int, dt: str, cfg: dict, *, binary: bool = False):
     q = torch.empty(1, 256, 8, head_dim, dtype=dtype).permute(0, 2, 1, 3)
     k = torch.empty(1, 1, 256, head_dim, dtype=dtype)
     kv_same = bool(cfg.get("KV_SAME", 0))
-    if head_dim <= 256:
+    options = {"num_warps": H.NUM_WARPS}
+    if head_dim <= 256 and cfg.get("WS"):
+        from gemma4_fast.kernels.attention import hopper_ws as W
+
+        kernel, rows, bn = W.attention_hopper_ws_fwd_kernel, 64, cfg["BLOCK_N"]
+        ce = dict(HEAD_DIM=head_dim, BLOCK_N=bn, K_STAGES=cfg.get("K_STAGES", 2), V_STAGES=cfg.get("V_STAGES", 2))
+        options = {"num_warps": W.WS_NUM_WARPS, "maxnreg": W.WS_MAXNREG}
+    elif head_dim <= 256:
         kernel, rows, bn = H.attention_hopper_rows_fwd_kernel, H.ROWS_BLOCK_M, cfg["BLOCK_N"]
         ce = dict(HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=bn, WRITE_LSE=True)
     else:
@@ -110,7 +117,7 @@ def compile_hopper(head_dim: int, dt: str, cfg: dict, *, binary: bool = False):
             sig[name] = "constexpr" if name in ce else "*fp32" if name == "LSE" else \
                 "fp32" if name == "qk_scale" else "i32"
     src = GluonASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(n),): v for n, v in ce.items()})
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": H.NUM_WARPS})
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     return (int(out.metadata.shared), out.asm["cubin"]) if binary else int(out.metadata.shared)
 
 

@@ -21,7 +21,9 @@ only, runs the softmax of block ``j`` while ``P_{j-1} V_{j-1}`` is still on the 
 has finished.
 
 ``attention_hopper_rows_fwd_kernel`` (head_dim 256): 128 rows, a warpgroup owns 64 of them with the whole
-accumulator and keeps its probabilities in registers as the A operand of ``P V``.
+accumulator and keeps its probabilities in registers as the A operand of ``P V``. Its warp-specialized successor
+(``hopper_ws.py``, config key ``WS``) releases the K / V slots through mbarriers instead of a CTA barrier a step and
+is what the H100 table runs at head_dim 256.
 
 Softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 statistics; per-thread partial row sums are reduced once
 at the end. Blocks every row sees in full skip the positional mask.
@@ -379,13 +381,19 @@ def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict)
 
     ``config``: ``BLOCK_N`` keys per step with ``K_STAGES`` / ``V_STAGES`` (default 2 / 2) tiles in the K and V
     rings; when ``v`` is ``k``, ``KV_BLOCK_N`` (default ``BLOCK_N``) keys per step and ``KV_STAGES`` (default 3)
-    tiles in the one ring. Ring depths are cut to what fits shared memory. The head_dim-256 kernel takes
-    ``BLOCK_N`` only (two-tile K and V rings)."""
+    tiles in the one ring. Ring depths are cut to what fits shared memory. At head_dim 256, ``WS: 1`` runs the
+    warp-specialized kernel of ``hopper_ws.py`` (``BLOCK_N``, ``K_STAGES`` / ``V_STAGES``); otherwise the rows kernel
+    takes ``BLOCK_N`` only (two-tile K and V rings)."""
     from .fwd import _same_tensor
 
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     wl = (1 << 30) if window is None else int(window) - 1
+    if D <= 256 and config.get("WS"):
+        from .hopper_ws import attention_hopper_ws_fwd
+
+        attention_hopper_ws_fwd(q, k, v, o, lse, scale=scale, window=window, config=config)
+        return
     if D <= 256:
         bn = config["BLOCK_N"]
         grid = (triton.cdiv(Sq, ROWS_BLOCK_M), B * Hq)
