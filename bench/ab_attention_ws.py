@@ -1,8 +1,9 @@
 """A/B of the warp-specialized head_dim-256 Hopper kernel (``kernels/attention/hopper_ws.py``) against the
 lockstep Hopper kernel (``attention_hopper_rows_fwd_kernel``), the portable Triton kernel and SDPA, with a
-correctness check against a float64 reference first.
+correctness check against a float64 reference first; ``--hd512``: the warp-specialized head_dim-512 kernel (a score
+warpgroup, two output warpgroups) against ``attention_hopper_fwd_kernel``.
 
-    python bench/ab_attention_ws.py [--check-only]
+    python bench/ab_attention_ws.py [--check-only] [--hd512]
 
 Correctness: odd lengths, windows (1, 64, 512), chunked prefill (Sq < Sk), GQA 1-8, batch 2 with HF's transposed
 layout, K is V, one-row queries, the LSE, every config into NaN-filled outputs; the three-way rule against the bf16
@@ -101,7 +102,82 @@ def timing():
     return rows
 
 
+CHECKS512 = [  # B, Hq, Hkv, Sq, Sk, window, hf_layout, k_is_v
+    (1, 8, 1, 1000, 1000, None, True, False), (1, 4, 2, 63, 63, None, False, False),
+    (1, 2, 1, 7, 7, None, False, True), (2, 4, 2, 300, 300, None, True, False),
+    (1, 4, 1, 100, 1000, None, False, False), (1, 2, 1, 1, 517, None, False, False),
+    (1, 4, 1, 700, 700, 129, True, False), (1, 4, 2, 200, 200, 1, False, False),
+    (1, 16, 2, 4096, 4096, None, True, False)]
+TIMES512 = [(16, 2, S) for S in (4096, 8192, 16384, 32768)] + [(8, 1, 8192)]
+
+
+def check512():
+    from gemma4_fast.kernels.attention import hopper_ws as W
+    from gemma4_fast.kernels.attention.naive import attention_naive
+
+    rows, ok = [], True
+    for B, Hq, Hkv, Sq, Sk, win, hf, kv in CHECKS512:
+        q32, k32, v32 = _inputs(512, B, Hq, Hkv, Sq, Sk, hf, kv)
+        q, k = q32.to(torch.bfloat16), k32.to(torch.bfloat16)
+        v = k if kv else v32.to(torch.bfloat16)
+        scale = 512 ** -0.5
+        ref, ref_lse = attention_naive(q.double(), k.double(), v.double(), scale=scale, window=win, return_lse=True)
+        tb = attention_naive(q, k, v, scale=scale, window=win)
+        e_t = (tb.double() - ref).abs().max().item()
+        atol = 2 ** -7 * ref.abs().max().item()
+        for i, cfg in enumerate(W.ws512_configs()):
+            o = torch.full((B, Sq, Hq, 512), float("nan"), device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3)
+            lse = torch.full((B, Hq, Sq), float("nan"), device="cuda")
+            W.attention_hopper_ws512_fwd(q, k, v, o, lse, scale=scale, window=win, config=cfg)
+            torch.cuda.synchronize()
+            e = (o.double() - ref).abs().max().item()
+            lse_err = (lse.double() - ref_lse).abs().max().item()
+            passed = e <= 2 * e_t + atol and lse_err < 1e-3 and not torch.isnan(o).any().item()
+            ok &= passed
+            rows.append({"case": f"hd512 B{B} H{Hq}/{Hkv} Sq{Sq} Sk{Sk} w{win} hf{int(hf)} kv{int(kv)}", "cfg": i,
+                         "err_ws": e, "err_torch_bf16": e_t, "lse_err": lse_err, "pass": passed})
+    print_table(rows, ["case", "cfg", "err_ws", "err_torch_bf16", "lse_err", "pass"])
+    return rows, ok
+
+
+def timing512():
+    from gemma4_fast.kernels.attention import hopper
+    from gemma4_fast.kernels.attention import hopper_ws as W
+
+    rows = []
+    for Hq, Hkv, S in TIMES512:
+        q, k, v = (t.to(torch.bfloat16) for t in _inputs(512, 1, Hq, Hkv, S, S, True, False))
+        outs = {}
+
+        def out(name):
+            outs[name] = torch.full((1, S, Hq, 512), float("nan"), device="cuda", dtype=q.dtype).permute(0, 2, 1, 3)
+            return outs[name]
+        runs = {"hopper": (lambda o: lambda: hopper.attention_hopper_fwd(q, k, v, o, None, scale=1.0, window=None,
+                                                                         config={"BLOCK_N": 32}))(out("hopper"))}
+        for i, wcfg in enumerate(W.ws512_configs()):
+            runs[f"ws{i}"] = (lambda o, c: lambda: W.attention_hopper_ws512_fwd(q, k, v, o, None, scale=1.0,
+                                                                                window=None, config=c))(out(f"ws{i}"), wcfg)
+        times = {name: [] for name in runs}
+        for _ in range(3):
+            for name, fn in runs.items():
+                times[name].append(graph_ms(fn))
+        flops = 4.0 * S * (S + 1) // 2 * 512 * Hq
+        for name in runs:
+            t = statistics.median(times[name])
+            rows.append({"case": f"hd512 H{Hq}/{Hkv} S={S} causal", "kernel": name, "ms": round(t, 4),
+                         "TFLOPs": round(flops / t / 1e9, 1),
+                         "max_abs_diff_vs_hopper": (outs[name].float() - outs["hopper"].float()).abs().max().item()})
+    print_table(rows, ["case", "kernel", "ms", "TFLOPs", "max_abs_diff_vs_hopper"])
+    return rows
+
+
 def main():
+    if "--hd512" in sys.argv:
+        checks, ok = check512()
+        rows = [] if "--check-only" in sys.argv or not ok else timing512()
+        path = write_results("attention_ws512_ab", checks + rows)
+        print(f"wrote {path}; checks {'passed' if ok else 'FAILED'}")
+        return
     checks, ok = check()
     rows = [] if "--check-only" in sys.argv or not ok else timing()
     path = write_results("attention_ws_ab", checks + rows)

@@ -251,14 +251,14 @@ def _layout(block, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
-def _descriptor(t: torch.Tensor, rows: int):
-    """4-D TMA descriptor over ``t`` ``[B, H, S, D]`` with blocks ``[1, 1, rows, D]`` (size-1 dims get the
-    stride a contiguous tensor would have: they are never stepped over)."""
+def _descriptor(t: torch.Tensor, rows: int, cols: Optional[int] = None):
+    """4-D TMA descriptor over ``t`` ``[B, H, S, D]`` with blocks ``[1, 1, rows, cols]`` (``cols`` default D; size-1
+    dims get the stride a contiguous tensor would have: they are never stepped over)."""
     strides = list(t.stride())
     for i in (2, 1, 0):
         if t.shape[i] == 1:
             strides[i] = strides[i + 1] * t.shape[i + 1]
-    block = [1, 1, rows, t.shape[3]]
+    block = [1, 1, rows, cols or t.shape[3]]
     return TensorDescriptor(t, list(t.shape), strides, block, _layout(block, t.dtype))
 
 

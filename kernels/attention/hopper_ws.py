@@ -216,3 +216,191 @@ def attention_hopper_ws_fwd(q, k, v, o, lse, *, scale: float, window, config: di
         Sk, wl, float(scale) * 1.4426950408889634, int(lse is not None), HEAD_DIM=D, BLOCK_N=bn,
         K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2), num_warps=WS_NUM_WARPS,
         maxnreg=WS_MAXNREG)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# head_dim 512: one score warpgroup, two output warpgroups
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Registers per thread of the head_dim-512 kernel at launch (12 warps' worth fit 64K) and after reallocation: the
+#: score warpgroup and the second output warpgroup (the default partition, the first output warpgroup, keeps the
+#: rest).
+WS512_MAXNREG = 168
+WS512_SCORE_REGS = gl.constexpr(96)
+WS512_OUT_REGS = gl.constexpr(208)
+
+
+@gluon.jit
+def _ws512_scores(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem, a_smem, l_smem, q_bar, k_bar,
+                  v_bar, p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE):
+    """The score warpgroup: loads Q and streams K through its ring; per key block ``S_j = Q K_j^T``, the online
+    softmax, and ``P_j`` with the rescale factors handed to the output warpgroups through a two-slot buffer; at
+    the end the row sums (and the LSE)."""
+    BLOCK_N: gl.constexpr = k_smem.type.shape[3]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[4]
+    K_STAGES: gl.constexpr = k_smem.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    dtype: gl.constexpr = q_desc.dtype
+    pid_bh, off_b, off_h, off_hk, start_m, pos0, lo, full_lo, full_hi, n_blocks = _program_band(
+        H_Q, GROUPS, SQ, SK, WL, 64, BLOCK_N)
+    _issue_load(q_desc, off_b, off_h, start_m, q_bar, q_smem)
+    for i in gl.static_range(K_STAGES):
+        if i < n_blocks:
+            _issue_load(k_desc, off_b, off_hk, lo + i * BLOCK_N, k_bar.index(i), k_smem.index(i))
+    q2 = q_smem.reshape([64, HEAD_DIM])
+    pos = pos0 + gl.arange(0, 64, layout=row_s)
+    s_zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
+    l_part = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
+    m_i = gl.full([64], float("-inf"), gl.float32, row_s)
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_blocks):
+        ks = j % K_STAGES
+        mbarrier.wait(k_bar.index(ks), (j // K_STAGES) & 1)
+        s = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
+        if j + K_STAGES < n_blocks:
+            _issue_load(k_desc, off_b, off_hk, lo + (j + K_STAGES) * BLOCK_N, k_bar.index(ks), k_smem.index(ks))
+        p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo + j * BLOCK_N, full_lo, full_hi, SK, WL,
+                                               qk_scale, BLOCK_N, s_layout)
+        ps = j % 2
+        mbarrier.wait(p_free.index(ps), ((j // 2) & 1) ^ 1)
+        p_smem.index(ps).store(p.to(dtype))
+        a_smem.index(ps).store(alpha)
+        fence_async_shared()
+        mbarrier.arrive(p_ready.index(ps), count=1)
+    l_i = gl.sum(l_part, 1)
+    l_smem.store(l_i)
+    mbarrier.arrive(l_bar, count=1)
+    if WRITE_LSE != 0:
+        rows = start_m + gl.arange(0, 64, layout=row_s)
+        nonempty = l_i > 0.0
+        lse = gl.where(nonempty, (m_i + gl.log2(gl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
+
+
+@gluon.jit
+def _ws512_out(v_desc, O, v_smem, p_smem, a_smem, l_smem, v_bar, p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q,
+               GROUPS, SQ, SK, WL, HALF_IDX: gl.constexpr):
+    """An output warpgroup: columns ``[256 * HALF_IDX, 256 * HALF_IDX + 256)`` of the 64 rows' output. It streams its
+    half of V through its own ring; per key block ``O = O * alpha_j + P_j V_j``; then the division by the row sums
+    and the store."""
+    V_STAGES: gl.constexpr = v_smem.type.shape[0] // 2
+    BLOCK_N: gl.constexpr = v_smem.type.shape[3]
+    HALF_D: gl.constexpr = v_smem.type.shape[4]
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HALF_D, 16])
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    pid_bh, off_b, off_h, off_hk, start_m, pos0, lo, full_lo, full_hi, n_blocks = _program_band(
+        H_Q, GROUPS, SQ, SK, WL, 64, BLOCK_N)
+    first: gl.constexpr = HALF_IDX * V_STAGES
+    col0 = HALF_IDX * HALF_D
+    for i in gl.static_range(V_STAGES):
+        if i < n_blocks:
+            mbarrier.expect(v_bar.index(first + i), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, lo + i * BLOCK_N, col0], v_bar.index(first + i),
+                                            v_smem.index(first + i))
+    acc = gl.zeros([64, HALF_D], gl.float32, o_layout)
+    for j in range(n_blocks):
+        ps = j % 2
+        vs = first + j % V_STAGES
+        mbarrier.wait(p_ready.index(ps), (j // 2) & 1)
+        alpha = a_smem.index(ps).load(row_o)
+        acc = acc * alpha[:, None]
+        mbarrier.wait(v_bar.index(vs), (j // V_STAGES) & 1)
+        acc = warpgroup_mma(p_smem.index(ps), v_smem.index(vs).reshape([BLOCK_N, HALF_D]), acc)
+        mbarrier.arrive(p_free.index(ps), count=1)
+        if j + V_STAGES < n_blocks:
+            mbarrier.expect(v_bar.index(vs), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, lo + (j + V_STAGES) * BLOCK_N, col0],
+                                            v_bar.index(vs), v_smem.index(vs))
+    mbarrier.wait(l_bar, 0)
+    l_i = l_smem.load(row_o)
+    out = acc / gl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    rows = start_m + gl.arange(0, 64, layout=row_o)
+    cols = col0 + gl.arange(0, HALF_D, layout=col_o)
+    base = O + off_b.to(gl.int64) * so_b + off_h.to(gl.int64) * so_h
+    gl.store(base + rows[:, None].to(gl.int64) * so_s + cols[None, :], out.to(O.dtype.element_ty),
+             mask=(rows < SQ)[:, None])
+
+
+@gluon.jit
+def _ws512_out_lo(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem, a_smem, l_smem, q_bar, k_bar,
+                  v_bar, p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE):
+    _ws512_out(v_desc, O, v_smem, p_smem, a_smem, l_smem, v_bar, p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q,
+               GROUPS, SQ, SK, WL, 0)
+
+
+@gluon.jit
+def _ws512_out_hi(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem, a_smem, l_smem, q_bar, k_bar,
+                  v_bar, p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE):
+    _ws512_out(v_desc, O, v_smem, p_smem, a_smem, l_smem, v_bar, p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q,
+               GROUPS, SQ, SK, WL, 1)
+
+
+@gluon.jit
+def attention_hopper_ws512_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL,
+                                      qk_scale, WRITE_LSE, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+                                      V_STAGES: gl.constexpr):
+    """head_dim 512: one program owns 64 query rows of one (batch, query head). A score warpgroup computes ``S_j``
+    and the softmax and hands ``P_j`` (bf16) and the rescale factors to two output warpgroups through a two-slot
+    shared buffer; each output warpgroup accumulates 256 of the 512 output columns (``64 x 256`` fp32), so the
+    softmax of block ``j + 1`` runs while ``P_j V_j`` is on the tensor cores and no warpgroup waits for a CTA-wide
+    barrier. Each warpgroup issues the TMA loads of what only it reads: Q and K (ring of ``K_STAGES`` tiles) by the
+    score warpgroup, each 256-column half of V (ring of ``V_STAGES``) by its output warpgroup. Grid
+    ``(cdiv(Sq, 64), B * Hq)``, heaviest query block first. ``q_desc``: blocks ``[1, 1, 64, 512]``; ``k_desc``:
+    ``[1, 1, BLOCK_N, 512]``; ``v_desc``: ``[1, 1, BLOCK_N, 256]``. ``O``: output pointer with element strides
+    ``so_b``, ``so_h``, ``so_s`` (unit stride along D; rows past the queries are not written). Causal with ``WL =
+    window - 1``; ``LSE`` ``[B, Hq, Sq]`` fp32 written when ``WRITE_LSE`` is nonzero."""
+    dtype: gl.constexpr = q_desc.dtype
+    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dtype)
+    vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    q_smem = gl.allocate_shared_memory(dtype, [1, 1, 64, 512], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, 512], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2 * V_STAGES, 1, 1, BLOCK_N, 256], v_desc.layout)
+    p_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_N], p_layout)
+    a_smem = gl.allocate_shared_memory(gl.float32, [2, 64], vec_layout)
+    l_smem = gl.allocate_shared_memory(gl.float32, [64], vec_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [2 * V_STAGES, 1], mbarrier.MBarrierLayout())
+    p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    p_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    l_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    mbarrier.init(l_bar, count=1)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+    for i in gl.static_range(2 * V_STAGES):
+        mbarrier.init(v_bar.index(i), count=1)
+    for h in gl.static_range(2):
+        mbarrier.init(p_ready.index(h), count=1)
+        mbarrier.init(p_free.index(h), count=2)
+    fence_async_shared()
+    args = (q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem, a_smem, l_smem, q_bar, k_bar, v_bar,
+            p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE)
+    gl.warp_specialize([(_ws512_out_lo, args), (_ws512_scores, args), (_ws512_out_hi, args)], [4, 4],
+                       [WS512_SCORE_REGS, WS512_OUT_REGS])
+
+
+def ws512_configs() -> list[dict[str, int]]:
+    """Candidate configs of the head_dim-512 kernel: 32-key steps with a two-tile K ring and two-tile rings of
+    each V half (Q 64 KB, K 64 KB, V 64 KB, P 8 KB)."""
+    return [dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2)]
+
+
+def attention_hopper_ws512_fwd(q, k, v, o, lse, *, scale: float, window, config: dict) -> None:
+    """Launch ``attention_hopper_ws512_fwd_kernel`` into ``o`` (``[B, Hq, Sq, 512]``) and ``lse`` (``[B, Hq, Sq]``
+    contiguous fp32, or None). Inputs as accepted by ``hopper.hopper_unsupported``. ``config``: ``BLOCK_N``,
+    ``K_STAGES`` / ``V_STAGES`` (default 2 / 2)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    wl = (1 << 30) if window is None else int(window) - 1
+    bn = config["BLOCK_N"]
+    lse_arg = lse if lse is not None else torch.empty(1, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(Sq, 64), B * Hq)
+    attention_hopper_ws512_fwd_kernel[grid](
+        _descriptor(q, 64), _descriptor(k, bn), _descriptor(v, bn, D // 2), o, lse_arg, o.stride(0), o.stride(1),
+        o.stride(2), Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634, int(lse is not None), BLOCK_N=bn,
+        K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2), num_warps=4, maxnreg=WS512_MAXNREG)
