@@ -471,12 +471,13 @@ def _need_hopper():
 def test_hopper_kernel_gpu(case, cfg):
     """The Gluon kernels launched directly into NaN-filled outputs, against the fp64 reference by the three-way
     rule (odd lengths, one-query and one-key launches, chunked prefill, GQA 1-16, windows 1 / 129 / beyond the
-    keys, K is V, batch 2, fp16); ``ws``: the warp-specialized head_dim-256 kernel."""
+    keys, K is V, batch 2, fp16); ``ws``: the warp-specialized kernels (head_dim 512 with K is V keeps the 64-key
+    ring kernel)."""
     from gemma4_fast.kernels.attention import hopper as H
     _need_hopper()
     B, Hq, Hkv, Sq, Sk, D, window, kv_same, dtype = case
-    if cfg.get("WS") and D != 256:
-        pytest.skip("the warp-specialized kernel serves head_dim 256")
+    if cfg.get("K_STAGES") == 3 and cfg.get("WS") and D != 256:
+        pytest.skip("the head_dim-512 warp-specialized kernel has one config")
     if cfg["BLOCK_N"] == 64 and kv_same and not cfg.get("WS"):
         pytest.skip("a config for separate K and V")
     g = torch.Generator(device="cuda").manual_seed(Sq + Sk)
@@ -508,6 +509,16 @@ def test_hopper_dispatch_gpu(poison, monkeypatch):
     ws_calls = []
     real_ws = hopper_ws.attention_hopper_ws_fwd
     monkeypatch.setattr(hopper_ws, "attention_hopper_ws_fwd", lambda *a, **kw: ws_calls.append(1) or real_ws(*a, **kw))
+    ws512_calls = []
+    real_ws512 = hopper_ws.attention_hopper_ws512_fwd
+    monkeypatch.setattr(hopper_ws, "attention_hopper_ws512_fwd",
+                        lambda *a, **kw: ws512_calls.append(1) or real_ws512(*a, **kw))
+    if configs.select_config("fwd", 512, torch.bfloat16, "causal", 515, torch.device("cuda")).get("WS"):
+        gpu_case(1, 8, 1, 515, 515, 512, scale=1.0)
+        gpu_case(1, 8, 1, 515, 515, 512, kv_same=True, scale=1.0)  # K is V: the 64-key ring kernel
+        assert ws512_calls == [1] and calls == [1, 1, 1]
+        calls.clear()
+        calls.append(1)
     if configs.select_config("fwd", 256, torch.bfloat16, "causal", 9001, torch.device("cuda")).get("WS"):
         gpu_case(1, 2, 1, 9001, 9001, 256)  # head_dim 256, causal: the H100 table's warp-specialized entry
         gpu_case(1, 8, 1, 1000, 1000, 256, window=512)  # a sliding layer
@@ -524,6 +535,7 @@ def test_hopper_config_policy_on_cpu(monkeypatch):
     assert not any(c.get("HOPPER") for c in configs.attention_fwd_configs(512, 2, 80))
     assert not configs.portable_config(512, 2, 90).get("HOPPER")
     assert configs.attention_fwd_configs(256, 2, 90)[0].get("WS") == 1
+    assert configs.attention_fwd_configs(512, 2, 90)[0].get("WS") == 1
     assert not any(c.get("HOPPER") for c in configs.attention_fwd_configs(256, 2, 80))
     assert not configs.portable_config(256, 2, 90).get("HOPPER")
     assert configs.portable_config(512, 2, 90) == configs.attention_fwd_configs(512, 2, 90)[1]

@@ -75,8 +75,9 @@ def compile_like_launch(kernel, dt: str, constexprs: dict, capability: int, num_
 
 def compile_hopper(head_dim: int, dt: str, cfg: dict, *, binary: bool = False):
     """Compile, for sm_90, the Gluon kernel that ``attention_hopper_fwd`` launches for ``head_dim`` and ``cfg`` (at
-    head_dim 256 the warp-specialized kernel of ``hopper_ws.py`` for ``WS`` configs, else the rows kernel; the
-    head_dim-512 kernel with the ring depths the launcher would cut to), with the descriptors a launch over HF's layout passes (q / o views of ``[B, S, H, D]``, k / v
+    head_dim 256 the warp-specialized kernel of ``hopper_ws.py`` for ``WS`` configs, else the rows kernel; at head_dim
+    512 the warp-specialized score / output kernel for ``WS`` configs (separate K and V), else the kernel with the
+    ring depths the launcher would cut to), with the descriptors a launch over HF's layout passes (q / o views of ``[B, S, H, D]``, k / v
     ``[B, H, S, D]``); returns shared bytes (``binary``: the compiled kernel's cubin too)."""
     import torch
     import triton
@@ -100,6 +101,21 @@ def compile_hopper(head_dim: int, dt: str, cfg: dict, *, binary: bool = False):
     elif head_dim <= 256:
         kernel, rows, bn = H.attention_hopper_rows_fwd_kernel, H.ROWS_BLOCK_M, cfg["BLOCK_N"]
         ce = dict(HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=bn, WRITE_LSE=True)
+    elif cfg.get("WS") and not kv_same:
+        from gemma4_fast.kernels.attention import hopper_ws as W
+
+        wcfg = W.ws512_configs()[0]
+        kernel, bn = W.attention_hopper_ws512_fwd_kernel, wcfg["BLOCK_N"]
+        ce = dict(BLOCK_N=bn, K_STAGES=wcfg["K_STAGES"], V_STAGES=wcfg["V_STAGES"])
+        descs = dict(q_desc=H._descriptor(q, 64), k_desc=H._descriptor(k, bn), v_desc=H._descriptor(k, bn, 256))
+        sig = {n: native_specialize_impl(BaseBackend, descs[n], False, True, True)[0] if n in descs else
+               "constexpr" if n in ce else "*bf16" if n == "O" else "*fp32" if n == "LSE" else
+               "fp32" if n == "qk_scale" else "i32" for n in kernel.arg_names}
+        src = GluonASTSource(fn=kernel, signature=sig,
+                             constexprs={(kernel.arg_names.index(n),): v for n, v in ce.items()})
+        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4,
+                                                                             "maxnreg": W.WS512_MAXNREG})
+        return (int(out.metadata.shared), out.asm["cubin"]) if binary else int(out.metadata.shared)
     else:
         kernel, rows = H.attention_hopper_fwd_kernel, H.BLOCK_M
         bn = cfg.get("KV_BLOCK_N", cfg["BLOCK_N"]) if kv_same else cfg["BLOCK_N"]

@@ -83,9 +83,9 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
     ``heads_inner_default`` when the config does not); ``HOPPER: 1`` (head_dim 512, H100 list first) runs the
     Gluon kernel of ``hopper.py`` (64 query rows, 8 warps, ``BLOCK_N`` keys per step, no column split; with
     K is V ``KV_BLOCK_N`` keys and a ring of ``KV_STAGES`` tiles) where ``hopper.hopper_unsupported`` accepts
-    the call, else the list's first portable config; at head_dim 256 (H100 list first) ``HOPPER: 1, WS: 1`` runs
-    the warp-specialized Gluon kernel of ``hopper_ws.py`` (128 query rows, a producer warp, two consumer
-    warpgroups). The register accumulator is ``BLOCK_M x BLOCK_DV``
+    the call, else the list's first portable config; ``WS: 1`` (H100 lists first) runs the warp-specialized Gluon
+    kernels of ``hopper_ws.py`` instead: at head_dim 256 128 query rows, a producer warp, two consumer warpgroups;
+    at head_dim 512 with separate K and V a score warpgroup and two output warpgroups. The register accumulator is ``BLOCK_M x BLOCK_DV``
     fp32 over ``32 * num_warps`` threads: head_dim 512 with ``BLOCK_M = 128`` needs ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and
     the Q tile (``BLOCK_M x 512``, 128 KB) stays in shared memory beside the K/V stages, which is why
     those configs are H100-only.
@@ -109,7 +109,7 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
                     _cfg(128, 64, 8, 1), _cfg(128, 64, 8, 2, tma=True), _cfg(64, 64, 4, 3, tma=True)]
         return [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 1)]
     if capability == 90:
-        return [dict(_cfg(64, 32, 8, 1, hopper=True), KV_BLOCK_N=64, KV_STAGES=2), _cfg(128, 32, 8, 2, 256),
+        return [dict(_cfg(64, 32, 8, 1, hopper=True), KV_BLOCK_N=64, KV_STAGES=2, WS=1), _cfg(128, 32, 8, 2, 256),
                 _cfg(128, 16, 8, 3, 256), _cfg(128, 64, 8, 1, 256), _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2, 256),
                 _cfg(128, 32, 8, 2, 256, tma=True), _cfg(64, 32, 4, 3, 256, tma=True)]
     return [_cfg(64, 32, 4, 2, 256), _cfg(128, 16, 8, 1, 256), _cfg(64, 32, 8, 2), _cfg(64, 16, 8, 3)]

@@ -23,7 +23,8 @@ has finished.
 ``attention_hopper_rows_fwd_kernel`` (head_dim 256): 128 rows, a warpgroup owns 64 of them with the whole
 accumulator and keeps its probabilities in registers as the A operand of ``P V``. Its warp-specialized successor
 (``hopper_ws.py``, config key ``WS``) releases the K / V slots through mbarriers instead of a CTA barrier a step and
-is what the H100 table runs at head_dim 256.
+is what the H100 table runs at head_dim 256; at head_dim 512 with separate K and V the table runs ``hopper_ws.py``'s
+score / output warpgroup kernel.
 
 Softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 statistics; per-thread partial row sums are reduced once
 at the end. Blocks every row sees in full skip the positional mask.
@@ -381,9 +382,10 @@ def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict)
 
     ``config``: ``BLOCK_N`` keys per step with ``K_STAGES`` / ``V_STAGES`` (default 2 / 2) tiles in the K and V
     rings; when ``v`` is ``k``, ``KV_BLOCK_N`` (default ``BLOCK_N``) keys per step and ``KV_STAGES`` (default 3)
-    tiles in the one ring. Ring depths are cut to what fits shared memory. At head_dim 256, ``WS: 1`` runs the
-    warp-specialized kernel of ``hopper_ws.py`` (``BLOCK_N``, ``K_STAGES`` / ``V_STAGES``); otherwise the rows kernel
-    takes ``BLOCK_N`` only (two-tile K and V rings)."""
+    tiles in the one ring. Ring depths are cut to what fits shared memory. ``WS: 1`` runs the warp-specialized
+    kernels of ``hopper_ws.py``: at head_dim 256 with ``BLOCK_N``, ``K_STAGES`` / ``V_STAGES``; at head_dim 512 with
+    separate K and V in its one config (``ws512_configs``; K is V keeps the 64-key ring above). Without it the
+    head_dim-256 rows kernel takes ``BLOCK_N`` only (two-tile K and V rings)."""
     from .fwd import _same_tensor
 
     B, Hq, Sq, D = q.shape
@@ -403,6 +405,11 @@ def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict)
             HEAD_DIM=D, BLOCK_M=ROWS_BLOCK_M, BLOCK_N=bn, WRITE_LSE=lse is not None, num_warps=NUM_WARPS)
         return
     kv_same = _same_tensor(k, v)
+    if config.get("WS") and not kv_same:
+        from .hopper_ws import attention_hopper_ws512_fwd, ws512_configs
+
+        attention_hopper_ws512_fwd(q, k, v, o, lse, scale=scale, window=window, config=ws512_configs()[0])
+        return
     bn = config.get("KV_BLOCK_N", config["BLOCK_N"]) if kv_same else config["BLOCK_N"]
     kv_stages = _stages(D, bn, config.get("KV_STAGES", 3), 1)
     k_stages = _stages(D, bn, config.get("K_STAGES", 2), 2)

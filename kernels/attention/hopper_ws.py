@@ -1,5 +1,6 @@
-"""Warp-specialized Hopper (sm_90) prefill attention for head_dim <= 256, in Gluon:
-``attention_hopper_ws_fwd_kernel`` and its launcher ``attention_hopper_ws_fwd``.
+"""Warp-specialized Hopper (sm_90) prefill attention in Gluon: ``attention_hopper_ws_fwd_kernel`` (head_dim <= 256)
+and ``attention_hopper_ws512_fwd_kernel`` (head_dim 512), launchers ``attention_hopper_ws_fwd`` /
+``attention_hopper_ws512_fwd``.
 
 Scope: what ``hopper.hopper_unsupported`` accepts, at head_dim <= 256: bf16 / fp16 q ``[B, Hq, Sq, D]``, k / v
 ``[B, Hkv, Sk, D]``, causal (optionally with a window), no softcap, no key padding mask, queries at the end of the
@@ -18,6 +19,16 @@ step ``j``: ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` as asynchronous warpg
 while ``P_{j-1} V_{j-1}`` runs, then ``K_j``'s and ``V_{j-1}``'s slots released. K and V have rings of
 ``K_STAGES`` / ``V_STAGES`` tiles; the producer loads ``K_{j+1}`` before ``V_j``, the order the consumers need them.
 The softmax, masking, band and epilogue are those of ``hopper.py``.
+
+head_dim 512 (``attention_hopper_ws512_fwd_kernel``): a 64 x 512 fp32 accumulator does not fit one warpgroup, so
+``hopper.py``'s kernel splits the score and output columns over its two warpgroups and exchanges the probabilities
+through shared memory behind a CTA barrier each step. Here a score warpgroup computes ``S_j`` and the softmax and
+hands ``P_j`` and the rescale factors to two output warpgroups (256 columns each) through a two-slot buffer guarded
+by mbarriers; the softmax of one block runs while the output warpgroups multiply the previous one.
+
+Measured on the H100 (``bench/ab_attention_ws.py``, graph replays, ``docs/notes/attention.md``): head_dim 256 causal
+529 / 644 / 686 TFLOP/s at 4k / 8k / 16k (1.0-1.06x SDPA; the lockstep kernel 392-533); head_dim 512 causal 356-423
+TFLOP/s at 4k-32k (the lockstep kernel 309-366).
 """
 from __future__ import annotations
 
@@ -280,62 +291,6 @@ def _ws512_scores(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem
 
 
 @gluon.jit
-def _ws512_scores_pipelined(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem, a_smem, l_smem, q_bar,
-                            k_bar, v_bar, p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL, qk_scale,
-                            WRITE_LSE):
-    """``_ws512_scores`` with ``S_{j+1} = Q K_{j+1}^T`` issued asynchronously before the softmax of block ``j``, so
-    the score warpgroup's tensor-core work runs under its own softmax."""
-    BLOCK_N: gl.constexpr = k_smem.type.shape[3]
-    HEAD_DIM: gl.constexpr = k_smem.type.shape[4]
-    K_STAGES: gl.constexpr = k_smem.type.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    dtype: gl.constexpr = q_desc.dtype
-    pid_bh, off_b, off_h, off_hk, start_m, pos0, lo, full_lo, full_hi, n_blocks = _program_band(
-        H_Q, GROUPS, SQ, SK, WL, 64, BLOCK_N)
-    _issue_load(q_desc, off_b, off_h, start_m, q_bar, q_smem)
-    for i in gl.static_range(K_STAGES):
-        if i < n_blocks:
-            _issue_load(k_desc, off_b, off_hk, lo + i * BLOCK_N, k_bar.index(i), k_smem.index(i))
-    q2 = q_smem.reshape([64, HEAD_DIM])
-    pos = pos0 + gl.arange(0, 64, layout=row_s)
-    s_zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
-    l_part = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
-    m_i = gl.full([64], float("-inf"), gl.float32, row_s)
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_bar.index(0), 0)
-    s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False,
-                          is_async=True)
-    for j in range(n_blocks):
-        ks = j % K_STAGES
-        s = warpgroup_mma_wait(0, deps=[s_tok])
-        if j + K_STAGES < n_blocks:
-            _issue_load(k_desc, off_b, off_hk, lo + (j + K_STAGES) * BLOCK_N, k_bar.index(ks), k_smem.index(ks))
-        if j + 1 < n_blocks:
-            kn = (j + 1) % K_STAGES
-            mbarrier.wait(k_bar.index(kn), ((j + 1) // K_STAGES) & 1)
-            s_tok = warpgroup_mma(q2, k_smem.index(kn).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                                  use_acc=False, is_async=True)
-        p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo + j * BLOCK_N, full_lo, full_hi, SK, WL,
-                                               qk_scale, BLOCK_N, s_layout)
-        ps = j % 2
-        mbarrier.wait(p_free.index(ps), ((j // 2) & 1) ^ 1)
-        p_smem.index(ps).store(p.to(dtype))
-        a_smem.index(ps).store(alpha)
-        fence_async_shared()
-        mbarrier.arrive(p_ready.index(ps), count=1)
-    l_i = gl.sum(l_part, 1)
-    l_smem.store(l_i)
-    mbarrier.arrive(l_bar, count=1)
-    if WRITE_LSE != 0:
-        rows = start_m + gl.arange(0, 64, layout=row_s)
-        nonempty = l_i > 0.0
-        lse = gl.where(nonempty, (m_i + gl.log2(gl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
-
-
-@gluon.jit
 def _ws512_out(v_desc, O, v_smem, p_smem, a_smem, l_smem, v_bar, p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q,
                GROUPS, SQ, SK, WL, HALF_IDX: gl.constexpr):
     """An output warpgroup: columns ``[256 * HALF_IDX, 256 * HALF_IDX + 256)`` of the 64 rows' output. It streams its
@@ -398,7 +353,7 @@ def _ws512_out_hi(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem
 @gluon.jit
 def attention_hopper_ws512_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL,
                                       qk_scale, WRITE_LSE, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                                      V_STAGES: gl.constexpr, SCORE_PIPE: gl.constexpr):
+                                      V_STAGES: gl.constexpr):
     """head_dim 512: one program owns 64 query rows of one (batch, query head). A score warpgroup computes ``S_j``
     and the softmax and hands ``P_j`` (bf16) and the rescale factors to two output warpgroups through a two-slot
     shared buffer; each output warpgroup accumulates 256 of the 512 output columns (``64 x 256`` fp32), so the
@@ -436,20 +391,15 @@ def attention_hopper_ws512_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, so_b, so_h
     fence_async_shared()
     args = (q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem, a_smem, l_smem, q_bar, k_bar, v_bar,
             p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE)
-    if SCORE_PIPE:
-        gl.warp_specialize([(_ws512_out_lo, args), (_ws512_scores_pipelined, args), (_ws512_out_hi, args)], [4, 4],
-                           [WS512_SCORE_REGS, WS512_OUT_REGS])
-    else:
-        gl.warp_specialize([(_ws512_out_lo, args), (_ws512_scores, args), (_ws512_out_hi, args)], [4, 4],
-                           [WS512_SCORE_REGS, WS512_OUT_REGS])
+    gl.warp_specialize([(_ws512_out_lo, args), (_ws512_scores, args), (_ws512_out_hi, args)], [4, 4],
+                       [WS512_SCORE_REGS, WS512_OUT_REGS])
 
 
 def ws512_configs() -> list[dict[str, int]]:
     """Candidate configs of the head_dim-512 kernel: 32-key steps with a two-tile K ring and two-tile rings of
-    each V half (Q 64 KB, K 64 KB, V 64 KB, P 8 KB; a third K tile would exceed sm_90's 227 KB), with the score
-    MMAs issued a block ahead (``SCORE_PIPE``, the default) or not."""
-    return [dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2, SCORE_PIPE=1), dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2,
-                                                                         SCORE_PIPE=0)]
+    each V half (Q 64 KB, K 64 KB, V 64 KB, P 8 KB; a third K tile would exceed sm_90's 227 KB). Issuing the score
+    MMA of block ``j + 1`` before the softmax of block ``j`` measured 0.67-0.78x this schedule (46dd9f8)."""
+    return [dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2)]
 
 
 def attention_hopper_ws512_fwd(q, k, v, o, lse, *, scale: float, window, config: dict) -> None:
@@ -465,5 +415,4 @@ def attention_hopper_ws512_fwd(q, k, v, o, lse, *, scale: float, window, config:
     attention_hopper_ws512_fwd_kernel[grid](
         _descriptor(q, 64), _descriptor(k, bn), _descriptor(v, bn, D // 2), o, lse_arg, o.stride(0), o.stride(1),
         o.stride(2), Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634, int(lse is not None), BLOCK_N=bn,
-        K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2),
-        SCORE_PIPE=bool(config.get("SCORE_PIPE", 1)), num_warps=4, maxnreg=WS512_MAXNREG)
+        K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2), num_warps=4, maxnreg=WS512_MAXNREG)
