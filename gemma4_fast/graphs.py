@@ -32,8 +32,8 @@ Scope and rules:
 - Memory: each signature keeps one memory pool (the largest layer's temporaries plus every layer's captured inputs
   and outputs); at most ``max_signatures`` signatures are kept, the least recently used is dropped.
 
-Whole text-model graphs (patched HF models only): a call of the text model that HF's top-level model makes for a
-plain forward (``input_ids`` only; no cache, ``use_cache=False``; no attention mask or the ready mask mapping of
+Whole text-model graphs: a call of the text model that HF's top-level model (or a TransformerBridge's, where every
+block would also take its quiet path: no stop / start layer) makes for a plain forward (``input_ids`` only; no cache, ``use_cache=False``; no attention mask or the ready mask mapping of
 ``gemma4_fast``'s masks; no hidden states or attentions requested) with no hook on any module of the text model, no
 global module hooks and no autograd graph to record is captured whole (embeddings, per-layer inputs, every layer,
 the final norm) on its second call per signature and replayed after: one launch instead of a host-side walk through
@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from . import patch
-from .hooks import WIRING, global_module_hooks
+from .hooks import global_module_hooks, user_hooks
 
 logger = logging.getLogger("gemma4_fast")
 
@@ -200,8 +200,10 @@ class PrefillGraphs:
         #: Whole text-model graphs: signature -> entry (least recently used dropped beyond ``max_signatures``).
         self.model_entries: OrderedDict[Any, _Entry] = OrderedDict()
         self.model_replays = 0
-        self._hook_dicts: Optional[tuple[int, int, list]] = None
+        self._hook_dicts: Optional[tuple[int, int, list, list]] = None
         self._in_whole_model = False
+        #: Extra condition of a whole-model call (a TransformerBridge: every block would take its quiet path).
+        self.model_gate: Optional[Callable[[], bool]] = None
 
     def clear(self) -> None:
         self.pools.clear()
@@ -431,18 +433,17 @@ class PrefillGraphs:
 
 
     def _model_hooked(self, model: nn.Module) -> bool:
-        """Whether any module of ``model`` has a forward (pre-)hook other than wiring (``hooks.WIRING``: e.g.
-        transformers' output-capturing hooks, which record only in calls that request hidden states or attentions,
-        never eligible here), or global module hooks are set. The hook dicts are collected once per model and patch
-        generation."""
+        """Whether any module of ``model`` has a user hook (``hooks.user_hooks``: any hook on a TransformerLens
+        ``HookPoint``, any other forward (pre-)hook not defined in wiring modules, e.g. transformers' output-capturing
+        hooks, which record only in calls that request hidden states or attentions, never eligible here), or global
+        module hooks are set. The modules and their hook dicts are collected once per model and patch generation."""
         known = self._hook_dicts
         if known is None or known[0] != id(model) or known[1] != patch.GENERATION:
-            dicts = [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
-            known = self._hook_dicts = (id(model), patch.GENERATION, dicts)
+            modules = list(model.modules())
+            dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+            known = self._hook_dicts = (id(model), patch.GENERATION, dicts, modules)
         if any(known[2]):
-            for d in known[2]:
-                if d and any(not (getattr(fn, "__module__", None) or "").startswith(WIRING) for fn in d.values()):
-                    return True
+            return any(user_hooks(m) for m in known[3])
         return global_module_hooks()
 
     def _model_signature(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
@@ -463,7 +464,7 @@ class PrefillGraphs:
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
             return None
-        if self._model_hooked(model):
+        if self._model_hooked(model) or (self.model_gate is not None and not self.model_gate()):
             return None
         return (_signature(ids), None if pos is None else _signature(pos),
                 None if mask is None else tuple(sorted(mask)), keep)
@@ -567,6 +568,29 @@ def _is_bridge(obj: Any) -> bool:
     return hasattr(obj, "hook_dict") and hasattr(obj, "blocks")
 
 
+def _wrap_text_model(model: nn.Module, graphs: PrefillGraphs) -> None:
+    """Route calls of ``model``'s text model through ``graphs.model_call``."""
+    from .patch import _text_roots
+
+    text_model = _text_roots(model)[0][1]
+
+    def plain_model(*args, **kwargs):
+        return type(text_model).forward(text_model, *args, **kwargs)
+
+    def model_forward(*args, **kwargs):
+        return graphs.model_call(text_model, plain_model, args, kwargs)
+    model_forward._g4f_prefill = True  # type: ignore[attr-defined]
+    text_model.__dict__["forward"] = model_forward
+
+
+def _unwrap_text_model(model: nn.Module) -> None:
+    from .patch import _text_roots
+
+    roots = _text_roots(model)
+    if roots and getattr(roots[0][1].__dict__.get("forward"), "_g4f_prefill", False):
+        del roots[0][1].__dict__["forward"]
+
+
 def enable_prefill_graphs(obj: Any, max_signatures: int = 2, whole_model: bool = True) -> PrefillGraphs:
     """Replay decoder-layer prefill calls of ``obj`` from CUDA graphs (see the module docstring).
 
@@ -574,8 +598,8 @@ def enable_prefill_graphs(obj: Any, max_signatures: int = 2, whole_model: bool =
         obj: a TransformerBridge with fast kernels on (its quiet blocks replay), or an HF Gemma 4 model patched with
             ``patch_model`` (every text decoder layer replays).
         max_signatures: how many forward shapes keep their graphs (each holds one memory pool).
-        whole_model: on a patched HF model, also capture eligible text-model calls whole (see the module docstring;
-            ignored for a TransformerBridge).
+        whole_model: also capture eligible text-model calls whole (see the module docstring; on a TransformerBridge
+            only calls in which every block would take its quiet path, i.e. no hook anywhere in the text model).
     Returns:
         the ``PrefillGraphs`` object (``.replays`` counts layer replays, ``.model_replays`` whole-model replays;
         ``.clear()`` frees every graph).
@@ -586,13 +610,19 @@ def enable_prefill_graphs(obj: Any, max_signatures: int = 2, whole_model: bool =
 
         if not fast_kernels_report(obj).enabled:
             raise ValueError("prefill graphs on a TransformerBridge need fast kernels on (enable_fast_kernels)")
+        from .bridge_integration.quiet import _plan_for
+
         disable_prefill_graphs(obj)
         obj.__dict__[ATTR] = graphs
         for block in obj.blocks:
             block.__dict__[ATTR] = graphs
+        if whole_model:
+            blocks = list(obj.blocks)
+            graphs.model_gate = lambda: all(_plan_for(b) is not None for b in blocks)
+            _wrap_text_model(_hf_model(obj), graphs)
         return graphs
     from .decode import _text_layers
-    from .patch import _text_roots, is_patched
+    from .patch import is_patched
 
     model = _hf_model(obj)
     if not is_patched(model):
@@ -600,15 +630,7 @@ def enable_prefill_graphs(obj: Any, max_signatures: int = 2, whole_model: bool =
     disable_prefill_graphs(model)
     model.__dict__[ATTR] = graphs
     if whole_model:
-        text_model = _text_roots(model)[0][1]
-
-        def plain_model(*args, **kwargs):
-            return type(text_model).forward(text_model, *args, **kwargs)
-
-        def model_forward(*args, **kwargs):
-            return graphs.model_call(text_model, plain_model, args, kwargs)
-        model_forward._g4f_prefill = True  # type: ignore[attr-defined]
-        text_model.__dict__["forward"] = model_forward
+        _wrap_text_model(model, graphs)
     for layer in _text_layers(model):
         def plain(*args, _layer=layer, **kwargs):  # the class's forward at call time (patching swaps classes)
             return type(_layer).forward(_layer, *args, **kwargs)
@@ -628,6 +650,7 @@ def disable_prefill_graphs(obj: Any) -> None:
     if _is_bridge(obj):
         for block in obj.blocks:
             block.__dict__.pop(ATTR, None)
+        _unwrap_text_model(_hf_model(obj))
         return
     from .decode import _text_layers
 
@@ -635,9 +658,8 @@ def disable_prefill_graphs(obj: Any) -> None:
         layers = _text_layers(obj)
     except ValueError:
         return
-    from .patch import _text_roots
-
-    for module in [_text_roots(obj)[0][1], *layers]:
+    _unwrap_text_model(obj)
+    for module in layers:
         fwd = module.__dict__.get("forward")
         if getattr(fwd, "_g4f_prefill", False):
             del module.__dict__["forward"]

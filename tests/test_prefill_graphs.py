@@ -258,7 +258,8 @@ def test_views_of_one_base_share_one_captured_copy(emulated):
 def test_bridge_forward_skips_chained_copies_and_respects_an_in_place_hook(emulated):
     """Through a TransformerBridge: after capture, every block after the first reads the previous block's
     captured output; a hook that edits the residual stream in place between blocks is still seen."""
-    bridge, ref, graphs = _graphed_bridge("tiny-moe")
+    bridge, ref, _ = _graphed_bridge("tiny-moe")
+    graphs = enable_prefill_graphs(bridge, whole_model=False)
     n = len(bridge.blocks)
 
     def double(t, hook):
@@ -404,3 +405,53 @@ def test_cuda_whole_model_graph_matches_eager():
                                            atol=1e-3)
     assert not any(e.failed for e in graphs.model_entries.values())
     assert graphs.model_replays == 6 and graphs.replays == 0
+
+
+def test_bridge_plain_forwards_replay_the_whole_text_model(emulated):
+    """A TransformerBridge's plain forwards replay its text model whole (logits equal a fast bridge without graphs);
+    a cache of residuals, a hook inside a block and ``stop_at_layer`` take the per-block path, still equal; disabling
+    removes the wrapper."""
+    bridge, ref, graphs = _graphed_bridge("tiny-ple-kv-shared")
+    with torch.no_grad():
+        for seed in range(4):
+            torch.testing.assert_close(bridge(_ids(seed)), ref(_ids(seed)), rtol=1e-4, atol=1e-4)
+        assert graphs.model_replays == 3 and graphs.replays == 0
+
+        def resid(n):
+            return n.endswith("hook_resid_post")
+
+        logits, cache = bridge.run_with_cache(_ids(1), names_filter=resid)
+        ref_logits, ref_cache = ref.run_with_cache(_ids(1), names_filter=resid)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+        for key in ref_cache.keys():
+            torch.testing.assert_close(cache[key], ref_cache[key], rtol=1e-4, atol=1e-4)
+        seen = []
+        out = bridge.run_with_hooks(_ids(1), fwd_hooks=[("blocks.3.attn.hook_pattern", lambda t, hook: seen.append(1))])
+        torch.testing.assert_close(out, ref(_ids(1)), rtol=1e-4, atol=1e-4)
+        stopped = bridge(_ids(1), stop_at_layer=2)
+        torch.testing.assert_close(stopped, ref(_ids(1), stop_at_layer=2), rtol=1e-4, atol=1e-4)
+        assert graphs.model_replays == 3 and seen == [1]
+        torch.testing.assert_close(bridge(_ids(2)), ref(_ids(2)), rtol=1e-4, atol=1e-4)
+        assert graphs.model_replays == 4
+    disable_prefill_graphs(bridge)
+    assert "forward" not in bridge.original_model.model.__dict__
+
+
+@pytest.mark.cuda
+def test_cuda_bridge_whole_model_graph_matches_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    name, tok = "tiny-ple-kv-shared", offline_tokenizer()
+    bridge = TransformerBridge.boot_transformers(name, hf_model=build_model(name, device="cuda"), tokenizer=tok,
+                                                 device="cuda", fast_kernels=True, fast_backend="triton",
+                                                 prefill_graphs=True)
+    ref = boot_transformers(name, hf_model=build_model(name, device="cuda"), tokenizer=tok, device="cuda",
+                            fast_kernels=True, fast_backend="triton")
+    graphs = prefill_graphs(bridge)
+    with torch.no_grad():
+        for seed in range(4):
+            ids = _ids(seed).cuda()
+            torch.testing.assert_close(bridge(ids), ref(ids), rtol=1e-3, atol=1e-3)
+    assert graphs.model_replays == 3 and not any(e.failed for e in graphs.model_entries.values())
