@@ -33,13 +33,14 @@ Scope and rules:
   and outputs); at most ``max_signatures`` signatures are kept, the least recently used is dropped.
 
 Whole text-model graphs: a call of the text model that HF's top-level model (or a TransformerBridge's, where every
-block would also take its quiet path: no stop / start layer) makes for a plain forward (``input_ids`` only; no cache, ``use_cache=False``; no attention mask or the ready mask mapping of
-``gemma4_fast``'s masks; no hidden states or attentions requested) with no hook on any module of the text model, no
-global module hooks and no autograd graph to record is captured whole (embeddings, per-layer inputs, every layer,
-the final norm) on its second call per signature and replayed after: one launch instead of a host-side walk through
-35 layers, whose first kernels would otherwise wait for the host. Other calls run the per-layer graphs above.
-Invalidation as for layers (replaced or moved parameters, ``patch_model`` / ``unpatch_model``); the returned output
-holds clones.
+block would also take its quiet path: no stop / start layer) makes for a plain forward (``input_ids`` only; no cache,
+``use_cache=False``; no attention mask or the ready mask mapping of ``gemma4_fast``'s masks; no hidden states or
+attentions requested) with no user hook on any module of the text model, no global module hooks and no autograd graph
+to record is captured whole (embeddings, per-layer inputs, every layer, the final norm) on its second call per
+signature and replayed after: one launch instead of a host-side walk through 35 layers, whose first kernels would
+otherwise wait for the host. Other calls run the per-layer graphs above. Invalidation as for layers (replaced or moved
+parameters, checked after each launch, the stale output dropped; ``patch_model`` / ``unpatch_model``; a submodule
+replaced after enabling needs ``disable`` / ``enable``); the returned output holds clones.
 
 ``enable_prefill_graphs(model_or_bridge)`` / ``disable_prefill_graphs(...)``. On a TransformerBridge with fast
 kernels on, quiet blocks (``bridge_integration.quiet``) replay their layer; on a patched HF model the text model or
@@ -171,7 +172,7 @@ class _Entry:
 
     def weights(self) -> tuple:
         """Identity and storage of every parameter the graph reads (a replaced or moved weight invalidates it).
-        Iterates in C where it can: the whole-model check runs before each replay, on the critical path."""
+        Iterates in C where it can: the whole-model check runs on every replay."""
         params = [p for p in chain.from_iterable(map(dict.values, self.param_dicts)) if p is not None]
         return list(map(id, params)), list(map(torch.Tensor.data_ptr, params))
 
@@ -430,7 +431,6 @@ class PrefillGraphs:
             for key_states, value_states, idx, a, kw in recorder.updates:
                 real_cache.update(key_states.clone(), value_states.clone(), idx, *a, **kw)
         return self._returned(out)
-
 
     def _model_hooked(self, model: nn.Module) -> bool:
         """Whether any module of ``model`` has a user hook (``hooks.user_hooks``: any hook on a TransformerLens

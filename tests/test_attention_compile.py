@@ -77,8 +77,8 @@ def compile_hopper(head_dim: int, dt: str, cfg: dict, *, binary: bool = False):
     """Compile, for sm_90, the Gluon kernel that ``attention_hopper_fwd`` launches for ``head_dim`` and ``cfg`` (at
     head_dim 256 the warp-specialized kernel of ``hopper_ws.py`` for ``WS`` configs, else the rows kernel; at head_dim
     512 the warp-specialized score / output kernel for ``WS`` configs (separate K and V), else the kernel with the
-    ring depths the launcher would cut to), with the descriptors a launch over HF's layout passes (q / o views of ``[B, S, H, D]``, k / v
-    ``[B, H, S, D]``); returns shared bytes (``binary``: the compiled kernel's cubin too)."""
+    ring depths the launcher would cut to), with the descriptors a launch over HF's layout passes (q / o views of
+    ``[B, S, H, D]``, k / v ``[B, H, S, D]``); returns shared bytes (``binary``: the compiled kernel's cubin too)."""
     import torch
     import triton
     from triton._C.libtriton import native_specialize_impl
