@@ -55,6 +55,18 @@ def _inputs(D, B, Hq, Hkv, Sq, Sk, hf_layout, k_is_v, seed=0):
     return q, k, v
 
 
+def portable_cfg(D, W, S, q):
+    """The config the public op would give the portable kernel for this prefill (the table's, or the first portable
+    candidate where the table names a Hopper kernel), with its launch order."""
+    from gemma4_fast.kernels.attention import api, configs
+
+    cfg = configs.select_config("fwd", D, q.dtype, api._mode(W, True), S, q.device)
+    if cfg.get("HOPPER"):
+        cfg = configs.portable_config(D, 2, 90)
+    cfg.setdefault("HEADS_INNER", int(configs.heads_inner_default(D, W, True, S)))
+    return cfg
+
+
 def check():
     from gemma4_fast.kernels.attention import api, configs, fwd, hopper
     from gemma4_fast.kernels.attention.naive import attention_naive
@@ -97,17 +109,14 @@ def check():
 
 
 def timing():
-    from gemma4_fast.kernels.attention import api, configs, fwd, hopper
+    from gemma4_fast.kernels.attention import fwd, hopper
 
     rows = []
     for D, Hq, Hkv, S, W, kv in TIMES:
         q, k, v = (t.to(torch.bfloat16) for t in _inputs(D, 1, Hq, Hkv, S, S, True, False))
         if kv:
             v = k
-        cfg = configs.select_config("fwd", D, q.dtype, api._mode(W, True), S, q.device)
-        if cfg.get("HOPPER"):
-            cfg = configs.portable_config(D, 2, 90)
-        cfg.setdefault("HEADS_INNER", int(configs.heads_inner_default(D, W, True, S)))
+        cfg = portable_cfg(D, W, S, q)
         outs = {}
 
         def out(name):

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from ab_attention_hopper import _inputs
+from ab_attention_hopper import _inputs, portable_cfg
 from common import graph_ms, print_table, write_results
 
 CHECKS = [  # B, Hq, Hkv, Sq, Sk, window, hf_layout, k_is_v
@@ -30,46 +30,47 @@ CHECKS = [  # B, Hq, Hkv, Sq, Sk, window, hf_layout, k_is_v
 TIMES = [(16, 8, 4096, None), (16, 8, 8192, None), (16, 8, 16384, None), (8, 1, 8192, 512), (16, 8, 16384, 1024)]
 
 
-def check():
+def check(head_dim=256):
+    """fp64 checks of every config of the warp-specialized kernel at ``head_dim`` (256: ``CHECKS``, 512:
+    ``CHECKS512``), into NaN-filled outputs; returns ``(rows, all passed)``."""
     from gemma4_fast.kernels.attention import hopper_ws as W
     from gemma4_fast.kernels.attention.naive import attention_naive
 
+    cases, cfgs, launch = ((CHECKS, W.ws_configs(), W.attention_hopper_ws_fwd) if head_dim == 256 else
+                           (CHECKS512, W.ws512_configs(), W.attention_hopper_ws512_fwd))
     rows, ok = [], True
-    for B, Hq, Hkv, Sq, Sk, win, hf, kv in CHECKS:
-        q32, k32, v32 = _inputs(256, B, Hq, Hkv, Sq, Sk, hf, kv)
+    for B, Hq, Hkv, Sq, Sk, win, hf, kv in cases:
+        q32, k32, v32 = _inputs(head_dim, B, Hq, Hkv, Sq, Sk, hf, kv)
         q, k = q32.to(torch.bfloat16), k32.to(torch.bfloat16)
         v = k if kv else v32.to(torch.bfloat16)
-        scale = 256 ** -0.5
+        scale = head_dim ** -0.5
         ref, ref_lse = attention_naive(q.double(), k.double(), v.double(), scale=scale, window=win, return_lse=True)
         tb = attention_naive(q, k, v, scale=scale, window=win)
         e_t = (tb.double() - ref).abs().max().item()
         atol = 2 ** -7 * ref.abs().max().item()
-        for i, cfg in enumerate(W.ws_configs()):
-            o = torch.full((B, Sq, Hq, 256), float("nan"), device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3)
+        for i, cfg in enumerate(cfgs):
+            o = torch.full((B, Sq, Hq, head_dim), float("nan"), device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3)
             lse = torch.full((B, Hq, Sq), float("nan"), device="cuda")
-            W.attention_hopper_ws_fwd(q, k, v, o, lse, scale=scale, window=win, config=cfg)
+            launch(q, k, v, o, lse, scale=scale, window=win, config=cfg)
             torch.cuda.synchronize()
             e = (o.double() - ref).abs().max().item()
             lse_err = (lse.double() - ref_lse).abs().max().item()
             passed = e <= 2 * e_t + atol and lse_err < 1e-3 and not torch.isnan(o).any().item()
             ok &= passed
-            rows.append({"case": f"B{B} H{Hq}/{Hkv} Sq{Sq} Sk{Sk} w{win} hf{int(hf)} kv{int(kv)}", "cfg": i,
-                         "err_ws": e, "err_torch_bf16": e_t, "lse_err": lse_err, "pass": passed})
+            rows.append({"case": f"hd{head_dim} B{B} H{Hq}/{Hkv} Sq{Sq} Sk{Sk} w{win} hf{int(hf)} kv{int(kv)}",
+                         "cfg": i, "err_ws": e, "err_torch_bf16": e_t, "lse_err": lse_err, "pass": passed})
     print_table(rows, ["case", "cfg", "err_ws", "err_torch_bf16", "lse_err", "pass"])
     return rows, ok
 
 
 def timing():
-    from gemma4_fast.kernels.attention import api, configs, fwd, hopper
+    from gemma4_fast.kernels.attention import fwd, hopper
     from gemma4_fast.kernels.attention import hopper_ws as W
 
     rows = []
     for Hq, Hkv, S, win in TIMES:
         q, k, v = (t.to(torch.bfloat16) for t in _inputs(256, 1, Hq, Hkv, S, S, True, False))
-        cfg = configs.select_config("fwd", 256, q.dtype, api._mode(win, True), S, q.device)
-        if cfg.get("HOPPER"):
-            cfg = configs.portable_config(256, 2, 90)
-        cfg.setdefault("HEADS_INNER", int(configs.heads_inner_default(256, win, True, S)))
+        cfg = portable_cfg(256, win, S, q)
         outs = {}
 
         def out(name):
@@ -111,35 +112,6 @@ CHECKS512 = [  # B, Hq, Hkv, Sq, Sk, window, hf_layout, k_is_v
 TIMES512 = [(16, 2, S) for S in (4096, 8192, 16384, 32768)] + [(8, 1, 8192)]
 
 
-def check512():
-    from gemma4_fast.kernels.attention import hopper_ws as W
-    from gemma4_fast.kernels.attention.naive import attention_naive
-
-    rows, ok = [], True
-    for B, Hq, Hkv, Sq, Sk, win, hf, kv in CHECKS512:
-        q32, k32, v32 = _inputs(512, B, Hq, Hkv, Sq, Sk, hf, kv)
-        q, k = q32.to(torch.bfloat16), k32.to(torch.bfloat16)
-        v = k if kv else v32.to(torch.bfloat16)
-        scale = 512 ** -0.5
-        ref, ref_lse = attention_naive(q.double(), k.double(), v.double(), scale=scale, window=win, return_lse=True)
-        tb = attention_naive(q, k, v, scale=scale, window=win)
-        e_t = (tb.double() - ref).abs().max().item()
-        atol = 2 ** -7 * ref.abs().max().item()
-        for i, cfg in enumerate(W.ws512_configs()):
-            o = torch.full((B, Sq, Hq, 512), float("nan"), device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3)
-            lse = torch.full((B, Hq, Sq), float("nan"), device="cuda")
-            W.attention_hopper_ws512_fwd(q, k, v, o, lse, scale=scale, window=win, config=cfg)
-            torch.cuda.synchronize()
-            e = (o.double() - ref).abs().max().item()
-            lse_err = (lse.double() - ref_lse).abs().max().item()
-            passed = e <= 2 * e_t + atol and lse_err < 1e-3 and not torch.isnan(o).any().item()
-            ok &= passed
-            rows.append({"case": f"hd512 B{B} H{Hq}/{Hkv} Sq{Sq} Sk{Sk} w{win} hf{int(hf)} kv{int(kv)}", "cfg": i,
-                         "err_ws": e, "err_torch_bf16": e_t, "lse_err": lse_err, "pass": passed})
-    print_table(rows, ["case", "cfg", "err_ws", "err_torch_bf16", "lse_err", "pass"])
-    return rows, ok
-
-
 def timing512():
     from gemma4_fast.kernels.attention import hopper
     from gemma4_fast.kernels.attention import hopper_ws as W
@@ -173,7 +145,7 @@ def timing512():
 
 def main():
     if "--hd512" in sys.argv:
-        checks, ok = check512()
+        checks, ok = check(512)
         rows = [] if "--check-only" in sys.argv or not ok else timing512()
         path = write_results("attention_ws512_ab", checks + rows)
         print(f"wrote {path}; checks {'passed' if ok else 'FAILED'}")

@@ -50,16 +50,17 @@ def test_patched_model_replays_every_layer_and_matches_eager(name, keep, emulate
     assert not any("forward" in layer.__dict__ for layer in model.model.layers)
 
 
-def _graphed_bridge(name):
+def _graphed_bridge(name, device="cpu", backend="torch"):
     """``(bridge, ref, graphs)``: a TransformerBridge booted with fast kernels and prefill graphs, a same-seed fast
     bridge without graphs, and the bridge's ``PrefillGraphs``."""
     from transformer_lens.model_bridge import TransformerBridge
 
     tok = offline_tokenizer()
-    bridge = TransformerBridge.boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu",
-                                                 fast_kernels=True, fast_backend="torch", prefill_graphs=True)
-    ref = boot_transformers(name, hf_model=build_model(name), tokenizer=tok, device="cpu", fast_kernels=True,
-                            fast_backend="torch")
+    bridge = TransformerBridge.boot_transformers(name, hf_model=build_model(name, device=device), tokenizer=tok,
+                                                 device=device, fast_kernels=True, fast_backend=backend,
+                                                 prefill_graphs=True)
+    ref = boot_transformers(name, hf_model=build_model(name, device=device), tokenizer=tok, device=device,
+                            fast_kernels=True, fast_backend=backend)
     return bridge, ref, prefill_graphs(bridge)
 
 
@@ -441,15 +442,7 @@ def test_bridge_plain_forwards_replay_the_whole_text_model(emulated):
 def test_cuda_bridge_whole_model_graph_matches_eager():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    name, tok = "tiny-ple-kv-shared", offline_tokenizer()
-    bridge = TransformerBridge.boot_transformers(name, hf_model=build_model(name, device="cuda"), tokenizer=tok,
-                                                 device="cuda", fast_kernels=True, fast_backend="triton",
-                                                 prefill_graphs=True)
-    ref = boot_transformers(name, hf_model=build_model(name, device="cuda"), tokenizer=tok, device="cuda",
-                            fast_kernels=True, fast_backend="triton")
-    graphs = prefill_graphs(bridge)
+    bridge, ref, graphs = _graphed_bridge("tiny-ple-kv-shared", device="cuda", backend="triton")
     with torch.no_grad():
         for seed in range(4):
             ids = _ids(seed).cuda()

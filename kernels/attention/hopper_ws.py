@@ -2,9 +2,9 @@
 and ``attention_hopper_ws512_fwd_kernel`` (head_dim 512), launchers ``attention_hopper_ws_fwd`` /
 ``attention_hopper_ws512_fwd``.
 
-Scope: what ``hopper.hopper_unsupported`` accepts, at head_dim <= 256: bf16 / fp16 q ``[B, Hq, Sq, D]``, k / v
+Scope: what ``hopper.hopper_unsupported`` accepts (head_dim 256 or 512): bf16 / fp16 q ``[B, Hq, Sq, D]``, k / v
 ``[B, Hkv, Sk, D]``, causal (optionally with a window), no softcap, no key padding mask, queries at the end of the
-keys.
+keys; at head_dim 512 separate K and V (``hopper.attention_hopper_fwd`` keeps K is V on its 64-key ring kernel).
 
 Why: ``attention_hopper_rows_fwd_kernel`` gives each of its two warpgroups 64 of a program's 128 query rows, but one
 CTA-wide barrier a step (the refill of a K / V ring slot must wait until both warpgroups have read it) keeps the
