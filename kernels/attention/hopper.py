@@ -123,8 +123,9 @@ def _first_block(q_smem, q_bar, k_smem, k_bar, pos0, lo, full_lo, full_hi, SK, W
 
 @gluon.jit
 def _epilogue(acc, l_part, m_i, q_smem, q2, o_desc, LSE, pid_bh, off_b, off_h, start_m, SQ, BLOCK_M: gl.constexpr,
-              row_s: gl.constexpr, row_o: gl.constexpr, WRITE_LSE: gl.constexpr):
-    """Normalise, write O through the Q tile's shared memory by TMA (rows past the queries clipped), and the LSE."""
+              row_s: gl.constexpr, row_o: gl.constexpr, WRITE_LSE):
+    """Normalise, write O through the Q tile's shared memory by TMA (rows past the queries clipped), and the LSE when
+    ``WRITE_LSE`` (a compile-time flag here, a run-time one in ``hopper_ws.py``'s partitions)."""
     l_i = gl.sum(l_part, 1)
     nonempty = l_i > 0.0
     l_safe = gl.where(nonempty, l_i, 1.0)

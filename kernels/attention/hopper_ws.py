@@ -39,7 +39,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from .hopper import _descriptor, _issue_load, _program_band, _softmax_block
+from .hopper import _descriptor, _epilogue, _first_block, _issue_load, _program_band, _softmax_block
 
 #: Query rows of a program (64 per consumer warpgroup).
 WS_BLOCK_M = 128
@@ -101,19 +101,10 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_smem, v_smem, q_b
         H_Q, GROUPS, SQ, SK, WL, 2 * HALF, BLOCK_N)
     my_start = start_m + HALF_IDX * HALF
     q_tile = q_smem.index(HALF_IDX)
-    q2 = q_tile.reshape([HALF, HEAD_DIM])
-    pos = pos0 + HALF_IDX * HALF + gl.arange(0, HALF, layout=row_s)
-    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
-    l_part = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
-    m_i = gl.full([HALF], float("-inf"), gl.float32, row_s)
-
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_bar.index(0), 0)
-    s = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
+    q2, pos, s_zero, acc, p, m_i, l_part = _first_block(q_tile, q_bar, k_smem, k_bar, pos0 + HALF_IDX * HALF, lo,
+                                                        full_lo, full_hi, SK, WL, qk_scale, HEAD_DIM, HALF, BLOCK_N,
+                                                        s_layout, o_layout)
     mbarrier.arrive(k_free.index(0), count=1)
-    p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo, full_lo, full_hi, SK, WL, qk_scale, BLOCK_N,
-                                           s_layout)
     p_prev = gl.convert_layout(p.to(dtype), p_op)
 
     for j in range(1, n_blocks):
@@ -139,18 +130,8 @@ def _ws_consume(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_smem, v_smem, q_b
     acc = warpgroup_mma(p_prev, v_smem.index(last % V_STAGES).reshape([BLOCK_N, HEAD_DIM]), acc)
     mbarrier.arrive(v_free.index(last % V_STAGES), count=1)
 
-    l_i = gl.sum(l_part, 1)
-    nonempty = l_i > 0.0
-    l_safe = gl.where(nonempty, l_i, 1.0)
-    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-    q2.store(out.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, my_start, 0], q_tile)
-    if WRITE_LSE != 0:
-        rows = my_start + gl.arange(0, HALF, layout=row_s)
-        lse = gl.where(nonempty, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        gl.store(LSE + pid_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
-    tma.store_wait(0)
+    _epilogue(acc, l_part, m_i, q_tile, q2, o_desc, LSE, pid_bh, off_b, off_h, my_start, SQ, HALF, row_s, row_o,
+              WRITE_LSE != 0)
 
 
 @gluon.jit
@@ -203,6 +184,12 @@ def attention_hopper_ws_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, H_Q, GRO
                        [WS_CONSUMER_REGS, WS_PRODUCER_REGS])
 
 
+def _lse_arg(lse, q):
+    """The LSE pointer argument: ``lse``, or a one-element fp32 tensor when none is written (the flag is a run-time
+    argument of the worker partitions, so the pointer's type must be fp32 either way)."""
+    return lse if lse is not None else torch.empty(1, device=q.device, dtype=torch.float32)
+
+
 def ws_configs() -> list[dict[str, int]]:
     """The candidate configs: 64-key steps with two-tile K and V rings (192 KB with the two 64-row Q halves), or a
     three-tile K ring (224 KB)."""
@@ -218,10 +205,7 @@ def attention_hopper_ws_fwd(q, k, v, o, lse, *, scale: float, window, config: di
     wl = (1 << 30) if window is None else int(window) - 1
     bn = config["BLOCK_N"]
     grid = (triton.cdiv(Sq, WS_BLOCK_M), B * Hq)
-    if lse is None:
-        lse_arg = torch.empty(1, device=q.device, dtype=torch.float32)
-    else:
-        lse_arg = lse
+    lse_arg = _lse_arg(lse, q)
     attention_hopper_ws_fwd_kernel[grid](
         _descriptor(q, 64), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, 64), lse_arg, Hq, Hq // Hkv, Sq,
         Sk, wl, float(scale) * 1.4426950408889634, int(lse is not None), HEAD_DIM=D, BLOCK_N=bn,
@@ -410,7 +394,7 @@ def attention_hopper_ws512_fwd(q, k, v, o, lse, *, scale: float, window, config:
     Hkv, Sk = k.shape[1], k.shape[2]
     wl = (1 << 30) if window is None else int(window) - 1
     bn = config["BLOCK_N"]
-    lse_arg = lse if lse is not None else torch.empty(1, device=q.device, dtype=torch.float32)
+    lse_arg = _lse_arg(lse, q)
     grid = (triton.cdiv(Sq, 64), B * Hq)
     attention_hopper_ws512_fwd_kernel[grid](
         _descriptor(q, 64), _descriptor(k, bn), _descriptor(v, bn, D // 2), o, lse_arg, o.stride(0), o.stride(1),
