@@ -2,7 +2,9 @@
 TransformerBridge ran before, its LM head carrying a zero bias; without: HF's LM head), against the Hopper kernel
 that applies the softcap in the GEMM's epilogue (``kernels/softcap/lm_head_hopper.py``, no bias).
 
-    python bench/ab_lm_head.py [--shapes E2B-8k E2B-4k ...] [--rounds 5] [--reps 10]
+    python bench/ab_lm_head.py [--shapes E2B-8k E2B-4k ...] [--rounds 5] [--reps 10] [--configs JSON]
+
+``--configs`` replaces the kernel's candidate configs (``linear_softcap_configs()``) with a JSON list of configs.
 
 For each shape (rows M, vocabulary N, hidden K) it first checks every variant against a float64 reference of
 ``cap * tanh((x @ w^T + b) / cap)`` with the three-way rule (HF's LM head and three bf16 softcap ops are the
@@ -14,6 +16,7 @@ unfused path without bias.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import torch
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--configs", default=None, help="JSON list of kernel configs to time instead of the shipped ones")
     args = ap.parse_args()
     from gemma4_fast.kernels.softcap import logit_softcap
     from gemma4_fast.kernels.softcap.lm_head_hopper import linear_softcap_configs, linear_softcap_fwd
@@ -55,8 +59,10 @@ def main() -> None:
             return logit_softcap(y, CAP, out=y)
 
         variants = {"cublas+softcap": lambda: unfused(None), "cublas+softcap+bias": lambda: unfused(b)}
-        for i, cfg in enumerate(linear_softcap_configs()):
-            name = f"fused_c{i}_{cfg['BLOCK_N']}x{cfg['STAGES']}"
+        configs = json.loads(args.configs) if args.configs else linear_softcap_configs()
+        for i, cfg in enumerate(configs):
+            name = f"fused_c{i}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['STAGES']}" + \
+                ("_ws" if cfg.get("WS") else "") + (f"_g{cfg['GROUP_M']}" if cfg.get("GROUP_M") else "")
             variants[name] = (lambda c: lambda: linear_softcap_fwd(x, w, out, CAP, c) or out)(cfg)
         r = slice(0, min(m, 256))
         for tag, bias in (("", None), ("+bias", b)):

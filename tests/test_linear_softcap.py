@@ -195,7 +195,9 @@ def _gluon_compile_report() -> list:
             descs = dict(a_desc=H._descriptor(x, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
                          b_desc=H._descriptor(w, [cfg["BLOCK_N"], cfg["BLOCK_K"]]),
                          c_desc=H._descriptor(y, [cfg["BLOCK_M"], cfg["BLOCK_N"]]))
-            kernel = H.linear_softcap_fwd_kernel
+            ws = bool(cfg.get("WS"))
+            kernel = H.linear_softcap_ws_fwd_kernel if ws else H.linear_softcap_fwd_kernel
+            options = {"num_warps": H.WS_NUM_WARPS, "maxnreg": H.WS_MAXNREG} if ws else {"num_warps": H.NUM_WARPS}
             sig = {}
             for arg in kernel.arg_names:
                 if arg in descs:
@@ -203,8 +205,9 @@ def _gluon_compile_report() -> list:
                 else:
                     sig[arg] = "constexpr" if arg in cfg else "fp32" if arg in ("inv_cap", "cap") else "i32"
             src = GluonASTSource(fn=kernel, signature=sig,
-                                 constexprs={(kernel.arg_names.index(k),): v for k, v in cfg.items()})
-            res = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": H.NUM_WARPS})
+                                 constexprs={(kernel.arg_names.index(k),): v for k, v in cfg.items()
+                                             if k in kernel.arg_names})
+            res = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
             out.append([cfg, name, int(res.metadata.shared)])
     return out
 
@@ -212,7 +215,7 @@ def _gluon_compile_report() -> list:
 def test_every_config_compiles_for_sm90_and_fits():
     pytest.importorskip("triton.experimental.gluon")
     rep = run_without_interpreter(os.path.abspath(__file__), "_gluon_compile_report")
-    assert len(rep) == 4
+    assert len(rep) == 4 and sum(bool(c.get("WS")) for c, *_ in rep) == 2
     assert all(0 < shared <= SHARED_LIMIT[90] for *_, shared in rep), rep
 
 
@@ -227,7 +230,8 @@ def _needs_hopper():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,n,k", [(1000, 262040, 1536), (513, 1000, 200), (1, 2056, 64), (4096, 8192, 2816)])
+@pytest.mark.parametrize("m,n,k", [(1000, 262040, 1536), (513, 1000, 200), (1, 2056, 64), (4096, 8192, 2816),
+                                   (4200, 1032, 72)])
 def test_gpu_kernel_three_way(dtype, m, n, k):
     _needs_hopper()
     from gemma4_fast.kernels.softcap import lm_head_hopper as H
@@ -260,8 +264,8 @@ def test_gpu_op_dispatch(caplog, monkeypatch):
     y = linear_softcap(x, w, None, CAP)
     assert launched == [(600, 256)] and y.shape == (2, 300, 1024)
     bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
-    wide_x = torch.randn(600, 2560, device="cuda", dtype=torch.bfloat16)
-    wide_w = torch.randn(1024, 2560, device="cuda", dtype=torch.bfloat16) * 0.05
+    wide_x = torch.randn(600, 3072, device="cuda", dtype=torch.bfloat16)
+    wide_w = torch.randn(1024, 3072, device="cuda", dtype=torch.bfloat16) * 0.05
     with caplog.at_level(logging.DEBUG, logger="gemma4_fast"):
         small = linear_softcap(x[:, :5], w, None, CAP)
         odd = linear_softcap(x, w[:1020], None, CAP)

@@ -1,5 +1,5 @@
-"""Hopper (sm_90) LM head with the final softcap in its epilogue, in Gluon: ``linear_softcap_fwd_kernel`` and its
-launcher ``linear_softcap_fwd``.
+"""Hopper (sm_90) LM head with the final softcap in its epilogue, in Gluon: ``linear_softcap_ws_fwd_kernel`` and
+``linear_softcap_fwd_kernel``, launcher ``linear_softcap_fwd``.
 
 ``y = cap * tanh((x @ w^T) / cap)`` for bf16 / fp16 ``x [M, K]`` and ``w [N, K]`` (the LM head's weight, tied to
 the embedding in Gemma 4), written once as ``y [M, N]`` in x's dtype. cuBLAS runs the LM head GEMM near the
@@ -7,19 +7,22 @@ tensor cores' rate but writes the raw logits, which the softcap then reads and w
 262144-word vocabulary that second pass moves 8.6 GB (3 ms on an H100). Here the softcap is applied to the fp32
 accumulator before the only store.
 
-Design: a persistent program per SM walks output tiles of ``BLOCK_M x BLOCK_N`` (128 x 256), down the rows of one
-column block before the next, so the programs in flight share the weight tile they read (from L2) and the whole
-of ``x`` stays in L2. Both warpgroups (8 warps) work on one tile, 64 rows each (``m64n256k16`` warpgroup MMAs).
-Operands stream through a TMA ring of ``STAGES`` slots across tile boundaries: the loads of the next tile start
-while the current tile's epilogue runs. The epilogue scales, takes the hardware ``tanh.approx.f32`` (relative
-error about 2**-11, under half a bf16 unit in the last place), rounds once, stores the tile to shared memory and
-hands it to the TMA engine, which writes it while the next tile's MMAs run. Rows past ``M`` and columns past
-``N`` are clipped by TMA; the K tail is zero-filled.
+Design (``linear_softcap_ws_fwd_kernel``, the default): a persistent program per SM walks output tiles of ``64 x
+256``, down the rows of one column block before the next (in groups of 4096 rows), so the programs in flight share
+the weight tile they read (from L2) and the rows of ``x`` they read stay in L2. Three partitions
+(``gl.warp_specialize``): a 1-warp loader streams the operands of every tile through a TMA ring of ``STAGES``
+slots, and two consumer warpgroups take alternate tiles, each with its own accumulator (``m64n256k16`` warpgroup
+MMAs) and output buffer. Their main loops alternate (CUTLASS's ping-pong schedule), so the epilogue of one
+warpgroup's tile (scale, the hardware ``tanh.approx.f32`` with relative error about 2**-11, under half a bf16 unit
+in the last place, one rounding, the store to shared memory and the TMA store) runs while the other's MMAs keep the
+tensor cores busy. Rows past ``M`` and columns past ``N`` are clipped by TMA; the K tail is zero-filled.
 
-Measured (H100, ``bench/ab_lm_head.py``, ``docs/notes/softcap.md``): the main loop alone runs at cuBLAS's rate (674
-TFLOP/s at E2B 8k) but the epilogue stalls the tensor cores (one accumulator per warpgroup, no room for a second
-tile): E2B 8k 12.1 ms against 12.8 for cuBLAS's addmm plus the softcap, 4k 6.2 against 6.4; at hidden 2816
-(26B-A4B) it is slower than cuBLAS, which ``linear_softcap`` therefore keeps (``MAX_K``).
+``linear_softcap_fwd_kernel`` (the earlier design, an A/B baseline): both warpgroups on one ``128 x 256`` tile; its
+epilogue stalls the tensor cores (one accumulator per warpgroup, no room for a second tile).
+
+Measured (H100, ``bench/ab_lm_head.py``, ``docs/notes/softcap.md``): E2B 8k 11.0-11.6 ms against 12.4 for cuBLAS's
+GEMM plus the softcap pass and 11.8 for the one-tile kernel; 4k 5.3-5.6 against 6.1 / 5.8; 26B-A4B 4k (hidden
+2816) 9.6-10.4 against 10.2-10.6 / 10.4.
 """
 from __future__ import annotations
 
@@ -36,6 +39,12 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .._common import pinned_config, sm_count
 
 NUM_WARPS = 8
+#: Warps of the ping-pong kernel's default partition (one consumer warpgroup; it adds a second and a loader warp),
+#: its registers per thread at launch (12 warps' worth fit 64K) and after reallocation: consumers, loader.
+WS_NUM_WARPS = 4
+WS_MAXNREG = 168
+WS_CONSUMER_REGS = gl.constexpr(240)
+WS_LOADER_REGS = gl.constexpr(24)
 #: Pins one config for tests (JSON, e.g. '{"BLOCK_N": 128, "STAGES": 4}'), merged over the default.
 CONFIG_ENV = "GEMMA4_FAST_LINEAR_SOFTCAP_CONFIG"
 
@@ -118,6 +127,130 @@ def linear_softcap_fwd_kernel(a_desc, b_desc, c_desc, M, N, K, inv_cap, cap, BLO
         mbarrier.invalidate(bars.index(i))
 
 
+@gluon.jit
+def _grouped_tile(tile, num_m, num_n, group_m):
+    """Row and column block of output tile ``tile``: tiles go down ``group_m`` row blocks of one column block, then
+    the next column block, one group of rows after the other (``group_m >= num_m``: down all the rows)."""
+    per_group = group_m * num_n
+    first_m = (tile // per_group) * group_m
+    rows = gl.minimum(num_m - first_m, group_m)
+    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+
+@gluon.jit
+def _ws_loader(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap):
+    """The 1-warp load partition: every step of the program's tiles in order (tile ``i`` is consumer ``i % 2``'s),
+    each into ring slot ``step % STAGES`` once the consumer that read the slot's previous tile has released it."""
+    STAGES: gl.constexpr = a_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = a_smem.type.shape[1]
+    BLOCK_K: gl.constexpr = a_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = b_smem.type.shape[1]
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    num_m = gl.cdiv(M, BLOCK_M)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    num_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_m * num_n - pid, nprog)
+    for step in range(my_tiles * k_tiles):
+        slot = step % STAGES
+        mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+        pm, pn = _grouped_tile(pid + (step // k_tiles) * nprog, num_m, num_n, group_m)
+        off_k = (step % k_tiles) * BLOCK_K
+        bar = full.index(slot)
+        mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [pm * BLOCK_M, off_k], bar, a_smem.index(slot))
+        tma.async_copy_global_to_shared(b_desc, [pn * BLOCK_N, off_k], bar, b_smem.index(slot))
+
+
+@gluon.jit
+def _ws_consume(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap,
+                WHICH: gl.constexpr):
+    """One consumer warpgroup: the program's tiles ``WHICH, WHICH + 2, ...``, each ``BLOCK_M x BLOCK_N`` in its own
+    accumulator, softcapped and stored through its own output buffer while the other warpgroup multiplies.
+
+    The main loops of the two warpgroups alternate: a tile's starts once the other warpgroup has issued the last MMA
+    of the tile before (``order``). Besides giving the tensor cores to one warpgroup at a time, this keeps every
+    wait on a ring slot within one lap of the ring (a parity wait cannot tell laps apart)."""
+    STAGES: gl.constexpr = a_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = a_smem.type.shape[1]
+    BLOCK_K: gl.constexpr = a_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = b_smem.type.shape[1]
+    dtype: gl.constexpr = a_desc.dtype
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_N, 16])
+    out = c_smem.index(WHICH)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    num_m = gl.cdiv(M, BLOCK_M)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    num_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_m * num_n - pid, nprog)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+    for i in range(WHICH, my_tiles, 2):
+        if i > 0:
+            mbarrier.wait(order.index(1 - WHICH), ((i - 1) // 2) & 1)
+        base = i * k_tiles
+        acc = zero
+        for kk in range(k_tiles):
+            step = base + kk
+            slot = step % STAGES
+            mbarrier.wait(full.index(slot), (step // STAGES) & 1)
+            acc = warpgroup_mma(a_smem.index(slot), b_smem.index(slot).permute((1, 0)), acc, use_acc=kk > 0,
+                                is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            if kk > 0:
+                mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
+        mbarrier.arrive(order.index(WHICH), count=1)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index((base + k_tiles - 1) % STAGES), count=1)
+        pm, pn = _grouped_tile(pid + i * nprog, num_m, num_n, group_m)
+        y = _tanh_approx(acc * inv_cap) * cap
+        tma.store_wait(0)
+        out.store(y.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [pm * BLOCK_M, pn * BLOCK_N], out)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _ws_consumer_0(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap):
+    """The default-partition consumer: the program's even tiles."""
+    _ws_consume(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap, 0)
+
+
+@gluon.jit
+def _ws_consumer_1(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap):
+    """The worker consumer: the program's odd tiles."""
+    _ws_consume(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap, 1)
+
+
+@gluon.jit
+def linear_softcap_ws_fwd_kernel(a_desc, b_desc, c_desc, M, N, K, group_m, inv_cap, cap, BLOCK_M: gl.constexpr,
+                                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """The ping-pong variant of ``linear_softcap_fwd_kernel`` (same operands and epilogue; tiles in groups of
+    ``group_m`` row blocks, see ``_grouped_tile``): two
+    consumer warpgroups take alternate tiles of the program, each with a ``BLOCK_M x BLOCK_N`` accumulator, fed by a
+    1-warp TMA loader through one ``STAGES``-slot ring in tile order. The warpgroups' main loops alternate (the
+    ``order`` barriers), so one's softcap and store run while the other's MMAs keep the tensor cores busy (CUTLASS's
+    ping-pong schedule). Slots are released by mbarrier arrivals, not CTA barriers."""
+    dtype: gl.constexpr = a_desc.dtype
+    a_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    c_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], c_desc.layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(order.index(i), count=1)
+    fence_async_shared()
+    args = (a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap)
+    gl.warp_specialize([(_ws_consumer_0, args), (_ws_consumer_1, args), (_ws_loader, args)], [4, 1],
+                       [WS_CONSUMER_REGS, WS_LOADER_REGS])
+
+
 def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
@@ -128,10 +261,15 @@ def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 
 def linear_softcap_configs() -> list[dict[str, int]]:
-    """The candidate configs (8 warps each): 128 x 256 output tiles with a 3-slot ring (the default: the largest
-    ring that fits beside the 64 KB output tile) and 128 x 128 tiles with a 4-slot ring. All fit sm_90's 227 KB
-    of shared memory per block."""
-    return [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=4)]
+    """The candidate configs. First (the default) the ping-pong ``linear_softcap_ws_fwd_kernel`` (``WS: 1``): a 64 x
+    256 tile per consumer warpgroup, a 4-slot ring, two 32 KB output buffers, tiles in groups of 64 row blocks (4096
+    rows: x's rows in flight stay in L2 at 8k tokens). Then ``linear_softcap_fwd_kernel`` (8 warps on one 128 x 256
+    tile, a 3-slot ring: the largest that fits beside the 64 KB output tile), kept as the A/B baseline. Both fit
+    sm_90's 227 KB of shared memory per block. Measured (H100, ``bench/ab_lm_head.py``, 1k-8k rows): 128 x 128 tiles
+    per warpgroup ran at 0.88-0.98x cuBLAS plus the softcap at 4k-8k rows; 64 x 256 ones beat the one-tile kernel by
+    2-16 %."""
+    return [dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, WS=1, GROUP_M=64),
+            dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3)]
 
 
 def pick_config() -> dict[str, int]:
@@ -161,16 +299,24 @@ def hopper_unsupported(x: torch.Tensor, w: torch.Tensor) -> Optional[str]:
 
 def linear_softcap_fwd(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cap: float, cfg: dict[str, int],
                        programs: Optional[int] = None) -> None:
-    """Launch ``linear_softcap_fwd_kernel``: ``out [M, N] = cap * tanh((x [M, K] @ w [N, K]^T) / cap)``.
+    """Launch the kernel ``cfg`` names (``WS``: ``linear_softcap_ws_fwd_kernel``, else ``linear_softcap_fwd_kernel``):
+    ``out [M, N] = cap * tanh((x [M, K] @ w [N, K]^T) / cap)``.
 
     No validation (``hopper_unsupported`` is the check). ``cfg``: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
-    ``STAGES``. ``programs``: persistent programs (default: one per SM, at most one per tile)."""
+    ``STAGES``, optional ``WS`` and ``GROUP_M`` (row blocks per tile group of the ping-pong kernel; default all).
+    ``programs``: persistent programs (default: one per SM, at most one per tile)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     m, k = x.shape
     n = w.shape[0]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     grid = (min(tiles, programs or sm_count(x.device)),)
+    descs = (_descriptor(x, [bm, bk]), _descriptor(w, [bn, bk]), _descriptor(out, [bm, bn]))
     with torch.cuda.device(x.device):
-        linear_softcap_fwd_kernel[grid](
-            _descriptor(x, [bm, bk]), _descriptor(w, [bn, bk]), _descriptor(out, [bm, bn]), m, n, k, 1.0 / cap,
-            float(cap), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=NUM_WARPS)
+        if cfg.get("WS"):
+            group = cfg.get("GROUP_M") or triton.cdiv(m, bm)
+            linear_softcap_ws_fwd_kernel[grid](*descs, m, n, k, group, 1.0 / cap, float(cap), BLOCK_M=bm, BLOCK_N=bn,
+                                               BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=WS_NUM_WARPS,
+                                               maxnreg=WS_MAXNREG)
+        else:
+            linear_softcap_fwd_kernel[grid](*descs, m, n, k, 1.0 / cap, float(cap), BLOCK_M=bm, BLOCK_N=bn,
+                                            BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=NUM_WARPS)
