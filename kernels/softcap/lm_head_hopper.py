@@ -138,6 +138,17 @@ def _grouped_tile(tile, num_m, num_n, group_m):
 
 
 @gluon.jit
+def _ws_plan(M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """``(pid, nprog, num_m, num_n, k_tiles, my_tiles)``: this program, the grid, the row / column / k block counts
+    and how many output tiles the program takes (``pid, pid + nprog, ...``)."""
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    num_m = gl.cdiv(M, BLOCK_M)
+    num_n = gl.cdiv(N, BLOCK_N)
+    return pid, nprog, num_m, num_n, gl.cdiv(K, BLOCK_K), gl.cdiv(num_m * num_n - pid, nprog)
+
+
+@gluon.jit
 def _ws_loader(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap):
     """The 1-warp load partition: every step of the program's tiles in order (tile ``i`` is consumer ``i % 2``'s),
     each into ring slot ``step % STAGES`` once the consumer that read the slot's previous tile has released it."""
@@ -145,12 +156,7 @@ def _ws_loader(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, orde
     BLOCK_M: gl.constexpr = a_smem.type.shape[1]
     BLOCK_K: gl.constexpr = a_smem.type.shape[2]
     BLOCK_N: gl.constexpr = b_smem.type.shape[1]
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    num_m = gl.cdiv(M, BLOCK_M)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    num_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_m * num_n - pid, nprog)
+    pid, nprog, num_m, num_n, k_tiles, my_tiles = _ws_plan(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     for step in range(my_tiles * k_tiles):
         slot = step % STAGES
         mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
@@ -179,12 +185,7 @@ def _ws_consume(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, ord
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
     out = c_smem.index(WHICH)
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    num_m = gl.cdiv(M, BLOCK_M)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    num_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_m * num_n - pid, nprog)
+    pid, nprog, num_m, num_n, k_tiles, my_tiles = _ws_plan(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
     for i in range(WHICH, my_tiles, 2):
         if i > 0:
