@@ -104,10 +104,11 @@ def compile_hopper(head_dim: int, dt: str, cfg: dict, *, binary: bool = False):
     elif cfg.get("WS") and not kv_same:
         from gemma4_fast.kernels.attention import hopper_ws as W
 
-        wcfg = W.ws512_configs()[0]
-        kernel, bn = W.attention_hopper_ws512_fwd_kernel, wcfg["BLOCK_N"]
-        ce = dict(BLOCK_N=bn, K_STAGES=wcfg["K_STAGES"], V_STAGES=wcfg["V_STAGES"])
-        descs = dict(q_desc=H._descriptor(q, 64), k_desc=H._descriptor(k, bn), v_desc=H._descriptor(k, bn, 256))
+        wcfg = {**W.ws512_configs()[0], **{k: v for k, v in cfg.items() if k == "Q_SPLIT"}}
+        kernel, bn, qs = W.attention_hopper_ws512_fwd_kernel, wcfg["BLOCK_N"], wcfg.get("Q_SPLIT", 1)
+        ce = dict(BLOCK_N=bn, K_STAGES=wcfg["K_STAGES"], V_STAGES=wcfg["V_STAGES"], Q_SPLIT=qs)
+        descs = dict(q_desc=H._descriptor(q, 64, head_dim // qs), k_desc=H._descriptor(k, bn, head_dim // qs),
+                     v_desc=H._descriptor(k, bn, 256))
         sig = {n: native_specialize_impl(BaseBackend, descs[n], False, True, True)[0] if n in descs else
                "constexpr" if n in ce else "*bf16" if n == "O" else "*fp32" if n == "LSE" else
                "fp32" if n == "qk_scale" else "i32" for n in kernel.arg_names}
@@ -220,6 +221,7 @@ def test_default_configs_compile():
             ("combine", 512, "bf16", {}, 80), ("combine", 512, "bf16", {}, 90),
             ("combine", 512, "bf16", {"COMBINE_D": 64, "BLOCK_S": 512}, 80),
             ("combine", 512, "bf16", {"COMBINE_D": 128, "BLOCK_S": 256}, 90)]
+    jobs += [("fwd", 512, "bf16", {"HOPPER": 1, "WS": 1, "BLOCK_N": 32, "Q_SPLIT": qs}, 90) for qs in (1, 2)]
     _check_many(jobs)
 
 

@@ -385,7 +385,7 @@ def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict)
     rings; when ``v`` is ``k``, ``KV_BLOCK_N`` (default ``BLOCK_N``) keys per step and ``KV_STAGES`` (default 3)
     tiles in the one ring. Ring depths are cut to what fits shared memory. ``WS: 1`` runs the warp-specialized
     kernels of ``hopper_ws.py``: at head_dim 256 with ``BLOCK_N``, ``K_STAGES`` / ``V_STAGES``; at head_dim 512 with
-    separate K and V in its one config (``ws512_configs``; K is V keeps the 64-key ring above). Without it the
+    separate K and V in its own config (``hopper_ws.pick_ws512_config``; K is V keeps the 64-key ring above). Without it the
     head_dim-256 rows kernel takes ``BLOCK_N`` only (two-tile K and V rings)."""
     from .fwd import _same_tensor
 
@@ -407,9 +407,9 @@ def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict)
         return
     kv_same = _same_tensor(k, v)
     if config.get("WS") and not kv_same:
-        from .hopper_ws import attention_hopper_ws512_fwd, ws512_configs
+        from .hopper_ws import attention_hopper_ws512_fwd, pick_ws512_config
 
-        attention_hopper_ws512_fwd(q, k, v, o, lse, scale=scale, window=window, config=ws512_configs()[0])
+        attention_hopper_ws512_fwd(q, k, v, o, lse, scale=scale, window=window, config=pick_ws512_config())
         return
     bn = config.get("KV_BLOCK_N", config["BLOCK_N"]) if kv_same else config["BLOCK_N"]
     kv_stages = _stages(D, bn, config.get("KV_STAGES", 3), 1)

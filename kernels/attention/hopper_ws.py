@@ -39,6 +39,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
+from .._common import pinned_config
 from .hopper import _descriptor, _epilogue, _first_block, _issue_load, _program_band, _softmax_block
 
 #: Query rows of a program (64 per consumer warpgroup).
@@ -223,6 +224,23 @@ def attention_hopper_ws_fwd(q, k, v, o, lse, *, scale: float, window, config: di
 WS512_MAXNREG = 168
 WS512_SCORE_REGS = gl.constexpr(96)
 WS512_OUT_REGS = gl.constexpr(208)
+#: The same with the first half of Q held in the score warpgroup's registers (``Q_SPLIT: 2``): 64 more there.
+WS512_QREG_SCORE_REGS = gl.constexpr(160)
+WS512_QREG_OUT_REGS = gl.constexpr(176)
+#: Pins the head_dim-512 kernel's config for tests and A/Bs (JSON, e.g. '{"Q_SPLIT": 1}'), merged over the default.
+WS512_CONFIG_ENV = "GEMMA4_FAST_ATTENTION_WS512_CONFIG"
+
+
+@gluon.jit
+def _ws512_issue_k(k_desc, k_smem, k_bar, off_b, off_hk, row, slot):
+    """TMA loads of the K tile at key ``row`` into ring slot ``slot``: one ``[BLOCK_N, 512]`` tile, or its two
+    256-column halves (slots ``2 * slot`` and ``2 * slot + 1``) when Q is split (``q_smem`` holds two halves)."""
+    QS: gl.constexpr = k_smem.type.shape[0] // k_bar.type.shape[0]
+    PART_D: gl.constexpr = k_smem.type.shape[4]
+    bar = k_bar.index(slot)
+    mbarrier.expect(bar, QS * k_desc.block_type.nbytes)
+    for h in gl.static_range(QS):
+        tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, row, h * PART_D], bar, k_smem.index(QS * slot + h))
 
 
 @gluon.jit
@@ -231,31 +249,44 @@ def _ws512_scores(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem
     """The score warpgroup: loads Q and streams K through its ring; per key block ``S_j = Q K_j^T``, the online
     softmax, and ``P_j`` with the rescale factors handed to the output warpgroups through a two-slot buffer; at
     the end the row sums (and the LSE)."""
+    QS: gl.constexpr = q_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[3]
-    HEAD_DIM: gl.constexpr = k_smem.type.shape[4]
-    K_STAGES: gl.constexpr = k_smem.type.shape[0]
+    PART_D: gl.constexpr = k_smem.type.shape[4]
+    K_STAGES: gl.constexpr = k_smem.type.shape[0] // QS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     dtype: gl.constexpr = q_desc.dtype
     pid_bh, off_b, off_h, off_hk, start_m, pos0, lo, full_lo, full_hi, n_blocks = _program_band(
         H_Q, GROUPS, SQ, SK, WL, 64, BLOCK_N)
-    _issue_load(q_desc, off_b, off_h, start_m, q_bar, q_smem)
+    mbarrier.expect(q_bar, QS * q_desc.block_type.nbytes)
+    for h in gl.static_range(QS):
+        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, h * PART_D], q_bar, q_smem.index(h))
     for i in gl.static_range(K_STAGES):
         if i < n_blocks:
-            _issue_load(k_desc, off_b, off_hk, lo + i * BLOCK_N, k_bar.index(i), k_smem.index(i))
-    q2 = q_smem.reshape([64, HEAD_DIM])
+            _ws512_issue_k(k_desc, k_smem, k_bar, off_b, off_hk, lo + i * BLOCK_N, i)
     pos = pos0 + gl.arange(0, 64, layout=row_s)
     s_zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
     l_part = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
     m_i = gl.full([64], float("-inf"), gl.float32, row_s)
     mbarrier.wait(q_bar, 0)
+    if QS == 2:
+        q_lo = q_smem.index(0).reshape([64, PART_D]).load(gl.DotOperandLayout(operand_index=0, parent=s_layout,
+                                                                              k_width=2))
     for j in range(n_blocks):
         ks = j % K_STAGES
         mbarrier.wait(k_bar.index(ks), (j // K_STAGES) & 1)
-        s = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
+        if QS == 2:
+            s = warpgroup_mma(q_lo, k_smem.index(2 * ks).reshape([BLOCK_N, PART_D]).permute((1, 0)), s_zero,
+                              use_acc=False, is_async=True)
+            s = warpgroup_mma(q_smem.index(1).reshape([64, PART_D]),
+                              k_smem.index(2 * ks + 1).reshape([BLOCK_N, PART_D]).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(0, deps=[s])
+        else:
+            s = warpgroup_mma(q_smem.index(0).reshape([64, PART_D]),
+                              k_smem.index(ks).reshape([BLOCK_N, PART_D]).permute((1, 0)), s_zero, use_acc=False)
         if j + K_STAGES < n_blocks:
-            _issue_load(k_desc, off_b, off_hk, lo + (j + K_STAGES) * BLOCK_N, k_bar.index(ks), k_smem.index(ks))
+            _ws512_issue_k(k_desc, k_smem, k_bar, off_b, off_hk, lo + (j + K_STAGES) * BLOCK_N, ks)
         p, alpha, m_i, l_part = _softmax_block(s, m_i, l_part, pos, lo + j * BLOCK_N, full_lo, full_hi, SK, WL,
                                                qk_scale, BLOCK_N, s_layout)
         ps = j % 2
@@ -337,22 +368,25 @@ def _ws512_out_hi(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem
 @gluon.jit
 def attention_hopper_ws512_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL,
                                       qk_scale, WRITE_LSE, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                                      V_STAGES: gl.constexpr):
+                                      V_STAGES: gl.constexpr, Q_SPLIT: gl.constexpr):
     """head_dim 512: one program owns 64 query rows of one (batch, query head). A score warpgroup computes ``S_j``
     and the softmax and hands ``P_j`` (bf16) and the rescale factors to two output warpgroups through a two-slot
     shared buffer; each output warpgroup accumulates 256 of the 512 output columns (``64 x 256`` fp32), so the
     softmax of block ``j + 1`` runs while ``P_j V_j`` is on the tensor cores and no warpgroup waits for a CTA-wide
     barrier. Each warpgroup issues the TMA loads of what only it reads: Q and K (ring of ``K_STAGES`` tiles) by the
     score warpgroup, each 256-column half of V (ring of ``V_STAGES``) by its output warpgroup. Grid
-    ``(cdiv(Sq, 64), B * Hq)``, heaviest query block first. ``q_desc``: blocks ``[1, 1, 64, 512]``; ``k_desc``:
-    ``[1, 1, BLOCK_N, 512]``; ``v_desc``: ``[1, 1, BLOCK_N, 256]``. ``O``: output pointer with element strides
+    ``(cdiv(Sq, 64), B * Hq)``, heaviest query block first. ``Q_SPLIT`` 1: ``q_desc`` blocks ``[1, 1, 64, 512]``,
+    ``k_desc`` ``[1, 1, BLOCK_N, 512]``; ``Q_SPLIT`` 2: both in 256-column halves (``[1, 1, 64, 256]`` /
+    ``[1, 1, BLOCK_N, 256]``), the first half of Q held in the score warpgroup's registers (``S_j`` as one MMA with
+    Q from registers and one from shared memory; registers moved from the output warpgroups to the score one).
+    ``v_desc``: ``[1, 1, BLOCK_N, 256]``. ``O``: output pointer with element strides
     ``so_b``, ``so_h``, ``so_s`` (unit stride along D; rows past the queries are not written). Causal with ``WL =
     window - 1``; ``LSE`` ``[B, Hq, Sq]`` fp32 written when ``WRITE_LSE`` is nonzero."""
     dtype: gl.constexpr = q_desc.dtype
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dtype)
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    q_smem = gl.allocate_shared_memory(dtype, [1, 1, 64, 512], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, 512], k_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [Q_SPLIT, 1, 1, 64, 512 // Q_SPLIT], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES * Q_SPLIT, 1, 1, BLOCK_N, 512 // Q_SPLIT], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2 * V_STAGES, 1, 1, BLOCK_N, 256], v_desc.layout)
     p_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_N], p_layout)
     a_smem = gl.allocate_shared_memory(gl.float32, [2, 64], vec_layout)
@@ -375,28 +409,44 @@ def attention_hopper_ws512_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, so_b, so_h
     fence_async_shared()
     args = (q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem, a_smem, l_smem, q_bar, k_bar, v_bar,
             p_ready, p_free, l_bar, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL, qk_scale, WRITE_LSE)
-    gl.warp_specialize([(_ws512_out_lo, args), (_ws512_scores, args), (_ws512_out_hi, args)], [4, 4],
-                       [WS512_SCORE_REGS, WS512_OUT_REGS])
+    if Q_SPLIT == 2:
+        gl.warp_specialize([(_ws512_out_lo, args), (_ws512_scores, args), (_ws512_out_hi, args)], [4, 4],
+                           [WS512_QREG_SCORE_REGS, WS512_QREG_OUT_REGS])
+    else:
+        gl.warp_specialize([(_ws512_out_lo, args), (_ws512_scores, args), (_ws512_out_hi, args)], [4, 4],
+                           [WS512_SCORE_REGS, WS512_OUT_REGS])
 
 
 def ws512_configs() -> list[dict[str, int]]:
     """Candidate configs of the head_dim-512 kernel: 32-key steps with a two-tile K ring and two-tile rings of
-    each V half (Q 64 KB, K 64 KB, V 64 KB, P 8 KB; a third K tile would exceed sm_90's 227 KB). Issuing the score
-    MMA of block ``j + 1`` before the softmax of block ``j`` measured 0.67-0.78x this schedule (46dd9f8)."""
-    return [dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2)]
+    each V half (Q 64 KB, K 64 KB, V 64 KB, P 8 KB; a third K tile would exceed sm_90's 227 KB). First (the default)
+    ``Q_SPLIT: 2``: Q and K tiles in 256-column halves, the first half of Q in the score warpgroup's registers, so
+    half of the score MMAs read only K from shared memory (at 32-key steps the score MMAs' operand reads, not the
+    tensor cores, set the pace): 1.06-1.08x the all-shared-memory schedule, which follows. Issuing the score MMA of
+    block ``j + 1`` before the softmax of block ``j`` measured 0.67-0.78x (46dd9f8)."""
+    return [dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2, Q_SPLIT=2), dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2)]
+
+
+def pick_ws512_config() -> dict[str, int]:
+    """The head_dim-512 kernel's default config, or the pinned one (``WS512_CONFIG_ENV``) merged over it."""
+    cfg = dict(ws512_configs()[0])
+    cfg.update(pinned_config(WS512_CONFIG_ENV) or {})
+    return cfg
 
 
 def attention_hopper_ws512_fwd(q, k, v, o, lse, *, scale: float, window, config: dict) -> None:
     """Launch ``attention_hopper_ws512_fwd_kernel`` into ``o`` (``[B, Hq, Sq, 512]``) and ``lse`` (``[B, Hq, Sq]``
     contiguous fp32, or None). Inputs as accepted by ``hopper.hopper_unsupported``. ``config``: ``BLOCK_N``,
-    ``K_STAGES`` / ``V_STAGES`` (default 2 / 2)."""
+    ``K_STAGES`` / ``V_STAGES`` (default 2 / 2), ``Q_SPLIT`` (1 or 2, default 1)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     wl = (1 << 30) if window is None else int(window) - 1
     bn = config["BLOCK_N"]
     lse_arg = _lse_arg(lse, q)
     grid = (triton.cdiv(Sq, 64), B * Hq)
+    qs = config.get("Q_SPLIT", 1)
     attention_hopper_ws512_fwd_kernel[grid](
-        _descriptor(q, 64), _descriptor(k, bn), _descriptor(v, bn, D // 2), o, lse_arg, o.stride(0), o.stride(1),
-        o.stride(2), Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634, int(lse is not None), BLOCK_N=bn,
-        K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2), num_warps=4, maxnreg=WS512_MAXNREG)
+        _descriptor(q, 64, D // qs), _descriptor(k, bn, D // qs), _descriptor(v, bn, D // 2), o, lse_arg, o.stride(0),
+        o.stride(1), o.stride(2), Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634, int(lse is not None),
+        BLOCK_N=bn, K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2), Q_SPLIT=qs, num_warps=4,
+        maxnreg=WS512_MAXNREG)
