@@ -149,7 +149,7 @@ def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) 
     if kind == "combine":
         bdc = min(bd, cfg.get("COMBINE_D", bd))
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DC=bdc, BLOCK_R=16, BLOCK_S=cfg.get("BLOCK_S", 128),
-                  CHUNK_S=max(1, min(16, 4096 // bdc)), WRITE_LSE=True)
+                  CHUNK_S=max(1, min(16, 4096 // bdc)), WRITE_LSE=True, USE_PDL=capability == 90)
         return compile_like_launch(fwd.attention_combine_kernel, dt, ce, capability, 4 if bdc >= 256 else 2, 1)
     if kind == "fwd" and cfg.get("HOPPER"):
         assert capability == 90, "the Hopper kernel is offered on sm_90 only"
@@ -165,7 +165,7 @@ def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) 
                                    cfg["num_stages"], descs)
     elif kind == "split":
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_R=fwd.split_rows(8, 1), BLOCK_N=cfg["BLOCK_N"],
-                  HAS_KVLEN=True, **_flags(dt))
+                  HAS_KVLEN=True, USE_PDL=capability == 90, **_flags(dt))
         kernel = fwd.attention_split_fwd_kernel
     else:
         ce = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
