@@ -415,6 +415,32 @@ def _fuzz_one(B, G, Hkv, Sk, frac, D, window, pad, seed):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("sk,window", [(2000, None), (5000, 512), (20000, None)])
+def test_decode_pdl_gpu(monkeypatch, sk, window):
+    """The split-key decode with the combine as a programmatic dependent launch (sm_90, key ranges up to
+    ``fwd.PDL_MAX_KEYS``) gives the same bits as two plain launches, eagerly and replayed from a CUDA graph (the
+    dependency is captured); longer ranges take the plain launches either way."""
+    from gemma4_fast.kernels.attention import fwd
+
+    q, k, v, _ = make_inputs(1, 16, 2, 1, sk, 512, dtype=torch.bfloat16, device="cuda")
+    run = lambda: A.attention(q, k, v, scale=1.0, window=window)  # noqa: E731
+    with_pdl = run()
+    monkeypatch.setenv(fwd.DECODE_PDL_ENV, "0")
+    plain = run()
+    monkeypatch.delenv(fwd.DECODE_PDL_ENV)
+    assert torch.equal(with_pdl, plain)
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, run())
+
+
+@pytest.mark.cuda
 def test_attention_gpu_fuzz(poison):
     """Random shapes / windows / padding (hypothesis when installed, else 20 seeded draws)."""
     try:
