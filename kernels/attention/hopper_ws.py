@@ -249,10 +249,9 @@ def _ws512_scores(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem
     """The score warpgroup: loads Q and streams K through its ring; per key block ``S_j = Q K_j^T``, the online
     softmax, and ``P_j`` with the rescale factors handed to the output warpgroups through a two-slot buffer; at
     the end the row sums (and the LSE)."""
+    QS: gl.constexpr = q_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[3]
     PART_D: gl.constexpr = k_smem.type.shape[4]
-    QS: gl.constexpr = 512 // PART_D
-    STAGED: gl.constexpr = QS == 2 and q_smem.type.shape[0] == 1
     K_STAGES: gl.constexpr = k_smem.type.shape[0] // QS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -260,46 +259,28 @@ def _ws512_scores(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem
     dtype: gl.constexpr = q_desc.dtype
     pid_bh, off_b, off_h, off_hk, start_m, pos0, lo, full_lo, full_hi, n_blocks = _program_band(
         H_Q, GROUPS, SQ, SK, WL, 64, BLOCK_N)
-    if STAGED:
-        gl.static_assert(2 * BLOCK_N == 64, "Q staging in a K ring slot needs 32-key tiles")
-        pairs = k_smem._reinterpret(k_smem.dtype, [K_STAGES, 1, 1, 2 * BLOCK_N, PART_D], k_smem.layout)
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, PART_D], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, 0], q_bar, pairs.index(K_STAGES - 1))
-        for i in gl.static_range(K_STAGES - 1):
-            if i < n_blocks:
-                _ws512_issue_k(k_desc, k_smem, k_bar, off_b, off_hk, lo + i * BLOCK_N, i)
-    else:
-        mbarrier.expect(q_bar, QS * q_desc.block_type.nbytes)
-        for h in gl.static_range(QS):
-            tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, h * PART_D], q_bar, q_smem.index(h))
-        for i in gl.static_range(K_STAGES):
-            if i < n_blocks:
-                _ws512_issue_k(k_desc, k_smem, k_bar, off_b, off_hk, lo + i * BLOCK_N, i)
+    mbarrier.expect(q_bar, QS * q_desc.block_type.nbytes)
+    for h in gl.static_range(QS):
+        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, h * PART_D], q_bar, q_smem.index(h))
+    for i in gl.static_range(K_STAGES):
+        if i < n_blocks:
+            _ws512_issue_k(k_desc, k_smem, k_bar, off_b, off_hk, lo + i * BLOCK_N, i)
     pos = pos0 + gl.arange(0, 64, layout=row_s)
     s_zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
     l_part = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
     m_i = gl.full([64], float("-inf"), gl.float32, row_s)
     mbarrier.wait(q_bar, 0)
-    q_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
-    if STAGED:
-        q_lo = pairs.index(K_STAGES - 1).reshape([64, PART_D]).load(q_op)
-        q_hi = q_smem.index(0).reshape([64, PART_D])
-        gl.thread_barrier()
-        fence_async_shared()
-        if K_STAGES - 1 < n_blocks:
-            _ws512_issue_k(k_desc, k_smem, k_bar, off_b, off_hk, lo + (K_STAGES - 1) * BLOCK_N, K_STAGES - 1)
-    elif QS == 2:
-        q_lo = q_smem.index(0).reshape([64, PART_D]).load(q_op)
-        q_hi = q_smem.index(1).reshape([64, PART_D])
+    if QS == 2:
+        q_lo = q_smem.index(0).reshape([64, PART_D]).load(gl.DotOperandLayout(operand_index=0, parent=s_layout,
+                                                                              k_width=2))
     for j in range(n_blocks):
         ks = j % K_STAGES
         mbarrier.wait(k_bar.index(ks), (j // K_STAGES) & 1)
         if QS == 2:
             s = warpgroup_mma(q_lo, k_smem.index(2 * ks).reshape([BLOCK_N, PART_D]).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)
-            s = warpgroup_mma(q_hi, k_smem.index(2 * ks + 1).reshape([BLOCK_N, PART_D]).permute((1, 0)), s,
-                              is_async=True)
+            s = warpgroup_mma(q_smem.index(1).reshape([64, PART_D]),
+                              k_smem.index(2 * ks + 1).reshape([BLOCK_N, PART_D]).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(0, deps=[s])
         else:
             s = warpgroup_mma(q_smem.index(0).reshape([64, PART_D]),
@@ -387,7 +368,7 @@ def _ws512_out_hi(q_desc, k_desc, v_desc, O, LSE, q_smem, k_smem, v_smem, p_smem
 @gluon.jit
 def attention_hopper_ws512_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, so_b, so_h, so_s, H_Q, GROUPS, SQ, SK, WL,
                                       qk_scale, WRITE_LSE, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                                      V_STAGES: gl.constexpr, Q_SPLIT: gl.constexpr, Q_STAGED: gl.constexpr = False):
+                                      V_STAGES: gl.constexpr, Q_SPLIT: gl.constexpr):
     """head_dim 512: one program owns 64 query rows of one (batch, query head). A score warpgroup computes ``S_j``
     and the softmax and hands ``P_j`` (bf16) and the rescale factors to two output warpgroups through a two-slot
     shared buffer; each output warpgroup accumulates 256 of the 512 output columns (``64 x 256`` fp32), so the
@@ -404,10 +385,7 @@ def attention_hopper_ws512_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, so_b, so_h
     dtype: gl.constexpr = q_desc.dtype
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dtype)
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    if Q_STAGED:
-        q_smem = gl.allocate_shared_memory(dtype, [1, 1, 1, 64, 256], q_desc.layout)
-    else:
-        q_smem = gl.allocate_shared_memory(dtype, [Q_SPLIT, 1, 1, 64, 512 // Q_SPLIT], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [Q_SPLIT, 1, 1, 64, 512 // Q_SPLIT], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES * Q_SPLIT, 1, 1, BLOCK_N, 512 // Q_SPLIT], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2 * V_STAGES, 1, 1, BLOCK_N, 256], v_desc.layout)
     p_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_N], p_layout)
@@ -446,8 +424,7 @@ def ws512_configs() -> list[dict[str, int]]:
     half of the score MMAs read only K from shared memory (at 32-key steps the score MMAs' operand reads, not the
     tensor cores, set the pace): 1.06-1.08x the all-shared-memory schedule, which follows. Issuing the score MMA of
     block ``j + 1`` before the softmax of block ``j`` measured 0.67-0.78x (46dd9f8)."""
-    return [dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2, Q_SPLIT=2), dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2),
-            dict(BLOCK_N=32, K_STAGES=3, V_STAGES=2, Q_SPLIT=2, Q_STAGED=1)]
+    return [dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2, Q_SPLIT=2), dict(BLOCK_N=32, K_STAGES=2, V_STAGES=2)]
 
 
 def pick_ws512_config() -> dict[str, int]:
@@ -468,10 +445,8 @@ def attention_hopper_ws512_fwd(q, k, v, o, lse, *, scale: float, window, config:
     lse_arg = _lse_arg(lse, q)
     grid = (triton.cdiv(Sq, 64), B * Hq)
     qs = config.get("Q_SPLIT", 1)
-    staged = bool(config.get("Q_STAGED", 0))
     attention_hopper_ws512_fwd_kernel[grid](
         _descriptor(q, 64, D // qs), _descriptor(k, bn, D // qs), _descriptor(v, bn, D // 2), o, lse_arg, o.stride(0),
         o.stride(1), o.stride(2), Hq, Hq // Hkv, Sq, Sk, wl, float(scale) * 1.4426950408889634, int(lse is not None),
-        BLOCK_N=bn, K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2), Q_SPLIT=qs,
-        Q_STAGED=staged, num_warps=4,
+        BLOCK_N=bn, K_STAGES=config.get("K_STAGES", 2), V_STAGES=config.get("V_STAGES", 2), Q_SPLIT=qs, num_warps=4,
         maxnreg=WS512_MAXNREG)
