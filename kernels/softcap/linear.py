@@ -27,7 +27,8 @@ from .softcap import logit_softcap
 #: the one-tile kernel).
 MIN_ROWS = 512
 #: Largest hidden size sent to the fused kernel (measured up to 26B-A4B's 2816: the ping-pong kernel ran at
-#: 1.0-1.1x the unfused path there, 1.06-1.23x at E2B's 1536; larger hidden sizes are not measured).
+#: 0.97-1.10x the unfused path there in three runs, at parity while writing the logits once; 1.06-1.23x at E2B's
+#: 1536; larger hidden sizes are not measured).
 MAX_K = 2816
 
 
