@@ -65,7 +65,8 @@ def main() -> None:
         ids = torch.randint(4, 260000, (1, s), device="cuda")
         ids[0, 0] = 2
         calls = {"forward": lambda: bridge(ids),
-                 "cache_resid": lambda: bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))}
+                 "cache_resid": lambda: bridge.run_with_cache(
+                     ids, names_filter=lambda n: n.endswith("hook_resid_post"))}
         for what in args.what:
             fn = calls[what]
             times: dict[str, list[list[float]]] = {name: [] for name in variants}

@@ -385,8 +385,8 @@ def attention_hopper_fwd(q, k, v, o, lse, *, scale: float, window, config: dict)
     rings; when ``v`` is ``k``, ``KV_BLOCK_N`` (default ``BLOCK_N``) keys per step and ``KV_STAGES`` (default 3)
     tiles in the one ring. Ring depths are cut to what fits shared memory. ``WS: 1`` runs the warp-specialized
     kernels of ``hopper_ws.py``: at head_dim 256 with ``BLOCK_N``, ``K_STAGES`` / ``V_STAGES``; at head_dim 512 with
-    separate K and V in its own config (``hopper_ws.pick_ws512_config``; K is V keeps the 64-key ring above). Without it the
-    head_dim-256 rows kernel takes ``BLOCK_N`` only (two-tile K and V rings)."""
+    separate K and V in its own config (``hopper_ws.pick_ws512_config``; K is V keeps the 64-key ring above).
+    Without it the head_dim-256 rows kernel takes ``BLOCK_N`` only (two-tile K and V rings)."""
     from .fwd import _same_tensor
 
     B, Hq, Sq, D = q.shape
