@@ -24,11 +24,13 @@ head_dim 512 (``attention_hopper_ws512_fwd_kernel``): a 64 x 512 fp32 accumulato
 ``hopper.py``'s kernel splits the score and output columns over its two warpgroups and exchanges the probabilities
 through shared memory behind a CTA barrier each step. Here a score warpgroup computes ``S_j`` and the softmax and
 hands ``P_j`` and the rescale factors to two output warpgroups (256 columns each) through a two-slot buffer guarded
-by mbarriers; the softmax of one block runs while the output warpgroups multiply the previous one.
+by mbarriers; the softmax of one block runs while the output warpgroups multiply the previous one. By default
+(``Q_SPLIT: 2``) the score warpgroup holds the first 256 columns of Q in registers, so half of its score MMAs read
+only K from shared memory.
 
 Measured on the H100 (``bench/ab_attention_ws.py``, graph replays, ``docs/notes/attention.md``): head_dim 256 causal
-529 / 644 / 686 TFLOP/s at 4k / 8k / 16k (1.0-1.06x SDPA; the lockstep kernel 392-533); head_dim 512 causal 356-423
-TFLOP/s at 4k-32k (the lockstep kernel 309-366).
+529 / 644 / 686 TFLOP/s at 4k / 8k / 16k (1.0-1.06x SDPA; the lockstep kernel 392-533); head_dim 512 causal 380-449
+TFLOP/s at 4k-32k with half of Q in registers (354-419 without, the lockstep kernel 308-364, in the same run).
 """
 from __future__ import annotations
 
