@@ -135,21 +135,86 @@ class _Plan:
         return {k: v for k, v in kwargs.items() if k in allowed}
 
 
+_CALL_ATTRS = ("_stop_at_layer_idx", "_start_at_layer_idx")
+
+
+def _call_attr(block: nn.Module, attr: str) -> Any:
+    """``getattr(block, attr, None)`` for TransformerBridge's per-call block attributes, without the wrapper's
+    ``__getattr__`` (which, for an attribute never set, falls back to the wrapped HF layer through a raised
+    AttributeError: ~5 us a lookup): the block's own value, else the HF layer's instance attribute."""
+    d = block.__dict__
+    if attr in d:
+        return d[attr]
+    return block._modules["_original_component"].__dict__.get(attr)
+
+
+def _stopped(block: nn.Module, plan: _Plan) -> bool:
+    """Whether the block is the ``stop_at_layer`` / ``start_at_layer`` block of this call."""
+    for attr in _CALL_ATTRS:
+        at = _call_attr(block, attr)
+        if at is not None and (plan.index is None or at == plan.index):
+            return True
+    return False
+
+
 def _plan_for(block: nn.Module) -> Optional[_Plan]:
     """The block's plan when this call can take the twin, else None."""
     plan: Optional[_Plan] = block.__dict__.get(_STATE)
-    if plan is None or global_module_hooks(backward=True):
+    if plan is None or global_module_hooks(backward=True) or _stopped(block, plan):
         return None
-    for attr in ("_stop_at_layer_idx", "_start_at_layer_idx"):
-        at = getattr(block, attr, None)
-        if at is not None and (plan.index is None or at == plan.index):
-            return None
     if plan.unchanged() and not any(getattr(m, "_use_processed_weights", False) for m in plan.processed):
         return plan
     if not plan.quiet():
         return None
     plan = block.__dict__[_STATE] = _Plan(block)
     return plan if plan.quiet() else None
+
+
+def all_quiet_gate(blocks: list[nn.Module]) -> Callable[[], bool]:
+    """``gate()``: every block would take its quiet path in a call without autograd (``all(_plan_for(b) is not None
+    for b in blocks)``, backward hooks aside: they cannot fire there), with the common case checked over all blocks
+    at once: when every block has a plan, none is the stop / start block and the plans are the ones seen last time,
+    their ``unchanged`` conditions run as a few C-level passes over lists joined across the blocks (each hook dict
+    once); anything else (and any failed check) takes the per-block path, which also rebuilds plans. For the
+    whole-model graph of a bridge forward, where this runs before every replay."""
+    cache: dict[str, Any] = {"plans": None}
+
+    def rebuild(plans: list[_Plan]) -> None:
+        # A wrapped HF module is reached twice (through its wrapper and through its HF parent): check it once. Only
+        # forward (pre-)hook dicts: the whole-model path runs without autograd (``PrefillGraphs._model_signature``),
+        # where backward hooks never fire.
+        fwd = {id(d) for p in plans for m in p.inner for d in (m._forward_hooks, m._forward_pre_hooks)}
+        plain = list({id(d): d for p in plans for d in p.plain if id(d) in fwd}.values())
+        edges = list({(id(d), n): (d, n, c, k) for p in plans
+                      for d, n, c, k in zip(p.parents, p.names_, p.children, p.classes)}.values())
+        cache.update(plans=plans, parents=[e[0] for e in edges], names=[e[1] for e in edges],
+                     children=[e[2] for e in edges], classes=[e[3] for e in edges], plain=plain,
+                     watched=[w for p in plans for w in p.watched], originals=[o for p in plans for o in p.originals],
+                     training=[t for p in plans for t in p.training],
+                     processed=[m for p in plans for m in p.processed])
+
+    def fast() -> bool:
+        plans = [b.__dict__.get(_STATE) for b in blocks]
+        if None in plans or global_module_hooks(backward=True):
+            return False
+        if any(_stopped(b, p) for b, p in zip(blocks, plans)):
+            return False
+        old = cache["plans"]
+        if old is None or len(old) != len(plans) or any(a is not b for a, b in zip(old, plans)):
+            rebuild(plans)
+        c = cache
+        gen = patch.GENERATION
+        return (all(p.generation == gen for p in plans) and not any(c["plain"])
+                and all(tuple(d) == keys for d, keys in c["watched"])
+                and [o.training for o in c["originals"]] == c["training"]
+                and list(map(dict.get, c["parents"], c["names"])) == c["children"]
+                and list(map(type, c["children"])) == c["classes"]
+                and not any(getattr(m, "_use_processed_weights", False) for m in c["processed"]))
+
+    def gate() -> bool:
+        return fast() or all(_plan_for(b) is not None for b in blocks)
+
+    return gate
 
 
 def _quiet_class(cls: type) -> type:

@@ -610,15 +610,14 @@ def enable_prefill_graphs(obj: Any, max_signatures: int = 2, whole_model: bool =
 
         if not fast_kernels_report(obj).enabled:
             raise ValueError("prefill graphs on a TransformerBridge need fast kernels on (enable_fast_kernels)")
-        from .bridge_integration.quiet import _plan_for
+        from .bridge_integration.quiet import all_quiet_gate
 
         disable_prefill_graphs(obj)
         obj.__dict__[ATTR] = graphs
         for block in obj.blocks:
             block.__dict__[ATTR] = graphs
         if whole_model:
-            blocks = list(obj.blocks)
-            graphs.model_gate = lambda: all(_plan_for(b) is not None for b in blocks)
+            graphs.model_gate = all_quiet_gate(list(obj.blocks))
             _wrap_text_model(_hf_model(obj), graphs)
         return graphs
     from .decode import _text_layers
