@@ -272,3 +272,52 @@ def test_a_copied_bridge_runs_its_own_model(tok):
         out = twin(_ids())
         gen = twin.generate(_ids()[:1], max_new_tokens=3, verbose=False)
     assert calls == [] and out.shape[:2] == (2, 19) and gen.shape[-1] == 22
+
+
+def test_all_quiet_gate_agrees_with_the_per_block_check(tok):
+    """``all_quiet_gate`` (the whole-model graph's gate) answers as ``all(_plan_for(b) is not None ...)`` for every
+    case that check distinguishes: no hook, a forward hook on an inner module or HookPoint, a global hook, a
+    ``stop_at_layer`` block, a replaced module, a different plan (rebuilt by the per-block path), train mode; a
+    backward hook is the one deliberate difference (the gate serves calls without autograd, where it cannot fire)."""
+    from gemma4_fast.bridge_integration import quiet as Q
+
+    bridge = _fast("tiny-ple-kv-shared", tok)
+    blocks = list(bridge.blocks)
+    gate = Q.all_quiet_gate(blocks)
+
+    def per_block():
+        return all(Q._plan_for(b) is not None for b in blocks)
+
+    assert gate() and per_block()
+    h = blocks[2].attn._modules["_original_component"].q_proj.register_forward_hook(lambda *a: None)
+    assert not gate() and not per_block()
+    h.remove()
+    assert gate() and per_block()
+    h = blocks[1].attn.hook_pattern.add_hook(lambda t, hook: t)
+    assert not gate() and not per_block()
+    blocks[1].attn.hook_pattern.remove_hooks()
+    assert gate() and per_block()
+    h = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    assert not gate() and not per_block()
+    h.remove()
+    blocks[3]._stop_at_layer_idx = 3
+    assert not gate() and not per_block()
+    blocks[3]._stop_at_layer_idx = None
+    blocks[0]._modules["_original_component"].__dict__["_start_at_layer_idx"] = 0
+    assert not gate() and not per_block()
+    del blocks[0]._modules["_original_component"].__dict__["_start_at_layer_idx"]
+    assert gate() and per_block()
+    layer = blocks[4]._modules["_original_component"]
+    old = layer._modules["post_feedforward_layernorm"]
+    layer._modules["post_feedforward_layernorm"] = nn.Identity()
+    assert gate() == per_block()
+    layer._modules["post_feedforward_layernorm"] = old
+    assert gate() and per_block()
+    bridge.train()
+    assert gate() == per_block()
+    bridge.eval()
+    assert gate() and per_block()
+    h = blocks[2].attn._modules["_original_component"].q_proj.register_full_backward_hook(lambda *a: None)
+    assert gate() and not per_block()
+    h.remove()
+    assert gate() and per_block()
