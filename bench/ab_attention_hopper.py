@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common import graph_ms, print_table, write_results
+from common import graph_ms_rounds, print_table, write_results
 
 CHECKS = [  # D, B, Hq, Hkv, Sq, Sk, window, hf_layout, k_is_v
     (512, 1, 8, 1, 1000, 1000, None, True, False),
@@ -131,10 +131,7 @@ def timing():
         if D <= 256 and W is None:  # the head_dim-256 target is a ratio to SDPA (cuDNN / flash on H100)
             runs["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                     enable_gqa=True)
-        times = {name: [] for name in runs}
-        for _ in range(3):
-            for name, fn in runs.items():
-                times[name].append(graph_ms(fn))
+        times = graph_ms_rounds(runs)
         pairs = S * W - W * (W - 1) // 2 if W else S * (S + 1) // 2
         flops = 4.0 * pairs * D * Hq
         tp = statistics.median(times["portable"])

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from ab_attention_hopper import _inputs, portable_cfg
-from common import graph_ms, print_table, write_results
+from common import graph_ms_rounds, print_table, write_results
 
 CHECKS = [  # B, Hq, Hkv, Sq, Sk, window, hf_layout, k_is_v
     (1, 8, 1, 1000, 1000, None, True, False), (1, 8, 1, 1000, 1000, 512, True, False),
@@ -86,10 +86,7 @@ def timing():
         if win is None:
             runs["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                     enable_gqa=True)
-        times = {name: [] for name in runs}
-        for _ in range(3):
-            for name, fn in runs.items():
-                times[name].append(graph_ms(fn))
+        times = graph_ms_rounds(runs)
         pairs = S * win - win * (win - 1) // 2 if win else S * (S + 1) // 2
         flops = 4.0 * pairs * 256 * Hq
         ts = statistics.median(times["sdpa"]) if "sdpa" in times else None
@@ -129,10 +126,7 @@ def timing512():
         for i, wcfg in enumerate(W.ws512_configs()):
             runs[f"ws{i}"] = (lambda o, c: lambda: W.attention_hopper_ws512_fwd(q, k, v, o, None, scale=1.0,
                                                                                 window=None, config=c))(out(f"ws{i}"), wcfg)
-        times = {name: [] for name in runs}
-        for _ in range(3):
-            for name, fn in runs.items():
-                times[name].append(graph_ms(fn))
+        times = graph_ms_rounds(runs)
         flops = 4.0 * S * (S + 1) // 2 * 512 * Hq
         for name in runs:
             t = statistics.median(times[name])

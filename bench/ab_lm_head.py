@@ -21,7 +21,7 @@ import statistics
 
 import torch
 
-from common import graph_ms, print_table, write_results
+from common import graph_ms_rounds, print_table, write_results
 
 SHAPES = {"E2B-8k": (8192, 262144, 1536), "E2B-4k": (4096, 262144, 1536), "E2B-1k": (1024, 262144, 1536),
           "E2B-512": (512, 262144, 1536), "26B-4k": (4096, 262144, 2816), "E2B-odd": (1000, 262040, 1536)}
@@ -80,10 +80,7 @@ def main() -> None:
                                "hf_max_err": round((low.double() - ref).abs().max().item(), 5),
                                "ok": not bool(bad.any()), "nan": bool(torch.isnan(y).any().item())})
             del raw, ref, low
-        times = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, fn in variants.items():
-                times[name].append(graph_ms(fn, args.reps))
+        times = graph_ms_rounds(variants, args.rounds, args.reps)
         for name, ts in times.items():
             ms = statistics.median(ts)
             base = statistics.median(times["cublas+softcap"])

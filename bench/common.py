@@ -100,6 +100,16 @@ def graph_ms(fn: Callable[[], Any], reps: int = 20) -> float:
     return a.elapsed_time(b) / reps
 
 
+def graph_ms_rounds(runs: dict[str, Callable[[], Any]], rounds: int = 3, reps: int = 20) -> dict[str, list[float]]:
+    """``graph_ms`` of every callable of ``runs``, ``rounds`` times, the variants interleaved round by round
+    (sustained work heats the GPU, so variants alternate); ``{name: [ms of each round]}``."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(graph_ms(fn, reps))
+    return times
+
+
 def ceilings(size_mb: int = 1024, mm: int = 8192) -> dict[str, float]:
     """Measured copy bandwidth (TB/s, read+write bytes) and bf16 matmul TFLOP/s on the current GPU."""
     n = size_mb * 2**20 // 2

@@ -86,10 +86,9 @@ def attention_fwd_configs(head_dim: int, elem_bytes: int = 2, capability: int = 
     the call, else the list's first portable config; ``WS: 1`` (H100 lists first) runs the warp-specialized Gluon
     kernels of ``hopper_ws.py`` instead: at head_dim 256 128 query rows, a producer warp, two consumer warpgroups;
     at head_dim 512 with separate K and V a score warpgroup and two output warpgroups. The register accumulator is
-    ``BLOCK_M x BLOCK_DV``
-    fp32 over ``32 * num_warps`` threads: head_dim 512 with ``BLOCK_M = 128`` needs ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and
-    the Q tile (``BLOCK_M x 512``, 128 KB) stays in shared memory beside the K/V stages, which is why
-    those configs are H100-only.
+    ``BLOCK_M x BLOCK_DV`` fp32 over ``32 * num_warps`` threads: head_dim 512 with ``BLOCK_M = 128`` needs
+    ``BLOCK_DV = 256`` (128 registers a thread with 8 warps, no spills), and the Q tile (``BLOCK_M x 512``, 128 KB)
+    stays in shared memory beside the K/V stages, which is why those configs are H100-only.
     """
     bd = block_d(head_dim)
     if elem_bytes >= 4:
