@@ -176,7 +176,8 @@ def all_quiet_gate(blocks: list[nn.Module]) -> Callable[[], bool]:
     at once: when every block has a plan, none is the stop / start block and the plans are the ones seen last time,
     their ``unchanged`` conditions run as a few C-level passes over lists joined across the blocks (each hook dict
     once); anything else (and any failed check) takes the per-block path, which also rebuilds plans. For the
-    whole-model graph of a bridge forward, where this runs before every replay."""
+    whole-model graph of a bridge forward, where this runs on every replay (after the launch while nothing changed
+    detectably: ``PrefillGraphs.model_call``); ``gate.per_call()`` is the part that depends on the call alone."""
     cache: dict[str, Any] = {"plans": None}
 
     def rebuild(plans: list[_Plan]) -> None:
@@ -193,12 +194,17 @@ def all_quiet_gate(blocks: list[nn.Module]) -> Callable[[], bool]:
                      training=[t for p in plans for t in p.training],
                      processed=[m for p in plans for m in p.processed])
 
-    def fast() -> bool:
+    def per_call() -> bool:
+        """The conditions a call's arguments can change (cheap): every block has a plan, no global module hooks,
+        no stop / start block."""
         plans = [b.__dict__.get(_STATE) for b in blocks]
-        if None in plans or global_module_hooks(backward=True):
+        return (None not in plans and not global_module_hooks(backward=True)
+                and not any(_stopped(b, p) for b, p in zip(blocks, plans)))
+
+    def fast() -> bool:
+        if not per_call():
             return False
-        if any(_stopped(b, p) for b, p in zip(blocks, plans)):
-            return False
+        plans = [b.__dict__.get(_STATE) for b in blocks]
         old = cache["plans"]
         if old is None or len(old) != len(plans) or any(a is not b for a, b in zip(old, plans)):
             rebuild(plans)
@@ -214,6 +220,7 @@ def all_quiet_gate(blocks: list[nn.Module]) -> Callable[[], bool]:
     def gate() -> bool:
         return fast() or all(_plan_for(b) is not None for b in blocks)
 
+    gate.per_call = per_call  # type: ignore[attr-defined]
     return gate
 
 

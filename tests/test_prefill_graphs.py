@@ -448,3 +448,105 @@ def test_cuda_bridge_whole_model_graph_matches_eager():
             ids = _ids(seed).cuda()
             torch.testing.assert_close(bridge(ids), ref(ids), rtol=1e-3, atol=1e-3)
     assert graphs.model_replays == 3 and not any(e.failed for e in graphs.model_entries.values())
+
+
+def _order(monkeypatch):
+    """A list that records, in order, every hook check of a whole-model call ("check") and every emulated replay."""
+    from gemma4_fast.graphs import _Emulated
+
+    seen: list[str] = []
+    check, replay = PrefillGraphs._model_quiet, _Emulated.replay
+
+    def checked(self, model):
+        seen.append("check")
+        return check(self, model)
+
+    def replayed(self):
+        seen.append("replay")
+        return replay(self)
+    monkeypatch.setattr(PrefillGraphs, "_model_quiet", checked)
+    monkeypatch.setattr(_Emulated, "replay", replayed)
+    return seen
+
+
+def test_bridge_replay_launches_before_the_hook_check_while_no_hook_was_registered(emulated, monkeypatch):
+    """Once a hook check passed and no hook was registered since, a plain forward launches its replay first and checks
+    after; a call that registers hooks, and the plain call after it, check first; outputs equal a bridge without
+    graphs throughout."""
+    bridge, ref, graphs = _graphed_bridge("tiny-ple-kv-shared")
+    seen = _order(monkeypatch)
+    with torch.no_grad():
+        for seed in range(3):
+            torch.testing.assert_close(bridge(_ids(seed)), ref(_ids(seed)), rtol=1e-4, atol=1e-4)
+        assert seen[-2:] == ["replay", "check"] and graphs.model_replays == 2
+        seen.clear()
+        torch.testing.assert_close(bridge(_ids(3)), ref(_ids(3)), rtol=1e-4, atol=1e-4)
+        assert seen == ["replay", "check"] and graphs.model_replays == 3
+        seen.clear()
+        fired = []
+        out = bridge.run_with_hooks(_ids(4), fwd_hooks=[("blocks.1.hook_resid_post", lambda t, hook: fired.append(1))])
+        torch.testing.assert_close(out, ref(_ids(4)), rtol=1e-4, atol=1e-4)
+        assert fired == [1] and seen[0] == "check" and graphs.model_replays == 3
+        for expected in (["check", "replay"], ["replay", "check"]):
+            seen.clear()
+            torch.testing.assert_close(bridge(_ids(5)), ref(_ids(5)), rtol=1e-4, atol=1e-4)
+            assert seen == expected
+        seen.clear()
+        torch.testing.assert_close(bridge(_ids(6), stop_at_layer=3), ref(_ids(6), stop_at_layer=3), rtol=1e-4,
+                                   atol=1e-4)
+        assert seen[0] == "check" and graphs.model_replays == 5
+    assert graphs.early_dropped == 0
+
+
+def test_a_hook_without_a_handle_drops_the_early_replay(emulated):
+    """A hook put straight into a HookPoint's dict (no ``RemovableHandle``, so the stamp cannot see it) is found by
+    the check after the launch: the replay's output is dropped and the call runs eagerly with the hook; later calls
+    check first until the check passes again."""
+    bridge, ref, graphs = _graphed_bridge("tiny-ple-kv-shared")
+
+    def zero(module, args, output):
+        return output * 0
+
+    with torch.no_grad():
+        for seed in range(3):
+            bridge(_ids(seed))
+        plain = ref(_ids(7))
+        for b in (bridge, ref):
+            b.blocks[1].mlp.hook_out._forward_hooks[-1] = zero
+        got = [bridge(_ids(7))]
+        assert graphs.early_dropped == 1 and graphs.model_replays == 2
+        got.append(bridge(_ids(7)))
+        assert graphs.early_dropped == 1 and graphs.model_replays == 2
+        expected = ref(_ids(7))
+        assert not torch.allclose(expected, plain)
+        for g in got:
+            torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-4)
+        for b in (bridge, ref):
+            del b.blocks[1].mlp.hook_out._forward_hooks[-1]
+        for _ in range(2):
+            torch.testing.assert_close(bridge(_ids(7)), plain, rtol=1e-4, atol=1e-4)
+    assert graphs.early_dropped == 1 and graphs.model_replays == 4
+
+
+def test_patched_model_hook_without_a_handle_drops_the_early_replay(emulated):
+    """The same on a patched HF model (no bridge gate): a decoder-layer hook put into its dict is found after the
+    launch and the call runs eagerly with it."""
+    ref, model, graphs = _graphed("tiny-ple-kv-shared")
+    ids = _ids(0)
+
+    def halve(module, args, output):
+        return (output[0] * 0.5,) + tuple(output[1:]) if isinstance(output, tuple) else output * 0.5
+
+    with torch.no_grad():
+        for _ in range(3):
+            model(ids, use_cache=False)
+        assert graphs.model_replays == 2
+        for m in (model, ref):
+            m.model.layers[2]._forward_hooks[-1] = halve
+        got = model(ids, use_cache=False).logits
+        assert graphs.early_dropped == 1 and graphs.model_replays == 2
+        want = ref(ids, use_cache=False).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for m in (model, ref):
+            del m.model.layers[2]._forward_hooks[-1]
+        assert not torch.allclose(want, ref(ids, use_cache=False).logits)
