@@ -172,9 +172,13 @@ def test_pinned_config(monkeypatch):
 def test_default_configs():
     for d in GEMMA4_HEAD_DIMS:
         for n in (1, 7, 4096, 1 << 20):
-            cfg = rp.default_config(d, n)
-            assert cfg["BLOCK_S"] <= max(1, rp.token_bucket(n))
-            assert 1 <= cfg["BLOCK_S"] * (d // 2) // (32 * cfg["num_warps"]) <= 32
+            for h in (1, 8):
+                cfg = rp.default_config(d, n, h)
+                assert cfg["BLOCK_S"] <= max(1, rp.token_bucket(n))
+                assert 1 <= cfg["BLOCK_S"] * (d // 2) // (32 * cfg["num_warps"]) <= 32
+                assert (cfg["HEADS"] == 1) == (h == 1)
+            assert rp.pick_config(d, n, 1) == rp.default_config(d, rp.token_bucket(n), 1)
+            assert rp.pick_config(d, n, 16) == rp.default_config(d, rp.token_bucket(n), 16)
     assert rp.token_bucket(3) == 16 and rp.token_bucket(5000) == 8192
 
 
@@ -339,7 +343,7 @@ def _compile_report(capability, candidates):
         if candidates:
             pairs += [(d, c) for c in rp.rope_configs(d)]
         else:
-            pairs += [(d, rp.default_config(d, n)) for n in (1, 7, 4096, 1 << 20)]
+            pairs += [(d, rp.default_config(d, n, h)) for n in (1, 7, 4096, 1 << 20) for h in (1, 8)]
     uniq = {json.dumps([d, c], sort_keys=True): (d, c) for d, c in pairs}
     bad = []
     for d, cfg in uniq.values():

@@ -21,9 +21,9 @@ the ``[BLOCK_S, D]`` cos/sin tile once and rotates its heads with it; ``rope_qk`
 the k heads in one launch (head groups of q first, then of k). ``rms_norm_rope`` runs the same kernel with
 ``NORM``: each head row is RMS-normalised and scaled first (the query/key norm fused into the rotation).
 
-Configs: ``rope_configs`` names the candidates, ``default_config`` picks one from the head dim and the
-token count (bucketed), and the env var ``GEMMA4_FAST_ROPE_CONFIG`` pins one (JSON, e.g.
-'{"BLOCK_S": 4, "HEADS": 2, "num_warps": 1}').
+Configs: ``rope_configs`` names the candidates, ``default_config`` picks one from the head dim, the
+token count (bucketed) and whether there is more than one head, and the env var ``GEMMA4_FAST_ROPE_CONFIG``
+pins one (JSON, e.g. '{"BLOCK_S": 4, "HEADS": 2, "num_warps": 1}').
 """
 from __future__ import annotations
 
@@ -146,26 +146,29 @@ def rope_configs(head_dim: int) -> list[dict[str, int]]:
     return out
 
 
-def default_config(head_dim: int, n_tokens: int) -> dict[str, int]:
-    """Heuristic config: a 2048-element ``[BLOCK_S, D/2]`` tile (16 elements a thread with 4 warps),
-    fewer positions when there are fewer tokens, and 4 heads per program (one cos/sin load serves
-    4 heads; the rest come from L2)."""
+def default_config(head_dim: int, n_tokens: int, n_heads: int = 8) -> dict[str, int]:
+    """Heuristic config: one warp per program holding 8 fp32 elements of each ``[BLOCK_S, D/2]`` tile a thread
+    (2 positions at head dim 256, 1 at 512; fewer when there are fewer tokens), one head per program for a single
+    head (a key), else 2 heads (head dim <= 256) or 4 (512 and up) sharing the cos/sin tile. Many small programs keep
+    more loads in flight: on an H100 (``bench/bench_rope.py``, E2B's query and key shapes at 4k and 8k tokens) these
+    ran within 0-11 % of the best candidate, where 4-warp programs of 16 positions and 4 heads ran 13-68 % slower."""
     bh = next_power_of_2(max(head_dim // 2, 1))
-    bs = max(1, min(2048 // bh, next_power_of_2(max(n_tokens, 1))))
-    nw = max(1, min(4, bs * bh // 512))
-    return {"BLOCK_S": bs, "HEADS": 4, "num_warps": nw}
+    bs = max(1, min(256 // bh, next_power_of_2(max(n_tokens, 1))))
+    heads = 1 if n_heads <= 1 else (2 if bh <= 128 else 4)
+    return {"BLOCK_S": bs, "HEADS": heads, "num_warps": 1}
 
 
 @functools.lru_cache(maxsize=256)
-def _default_cached(head_dim: int, bucket: int) -> dict[str, int]:
-    return default_config(head_dim, bucket)
+def _default_cached(head_dim: int, bucket: int, n_heads: int) -> dict[str, int]:
+    return default_config(head_dim, bucket, n_heads)
 
 
-def pick_config(head_dim: int, n_tokens: int) -> dict[str, int]:
-    """Pinned config (env ``GEMMA4_FAST_ROPE_CONFIG``), else ``default_config`` at the token bucket."""
+def pick_config(head_dim: int, n_tokens: int, n_heads: int = 8) -> dict[str, int]:
+    """Pinned config (env ``GEMMA4_FAST_ROPE_CONFIG``), else ``default_config`` at the token bucket (``n_heads``:
+    the heads of the tensor rotated, of q for ``rope_qk``)."""
     if os.environ.get(CONFIG_ENV):
-        return {**default_config(head_dim, n_tokens), **pinned_config(CONFIG_ENV)}
-    return dict(_default_cached(head_dim, token_bucket(n_tokens)))
+        return {**default_config(head_dim, n_tokens, n_heads), **pinned_config(CONFIG_ENV)}
+    return dict(_default_cached(head_dim, token_bucket(n_tokens), min(max(n_heads, 1), 2)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +296,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _check_launchable("x", x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rope_fwd(x, None, cos, sin, out, None, pick_config(x.shape[-1], x.shape[0] * x.shape[1]))
+    rope_fwd(x, None, cos, sin, out, None, pick_config(x.shape[-1], x.shape[0] * x.shape[1], x.shape[2]))
     return out
 
 
@@ -332,7 +335,7 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if q.numel() == 0 and k.numel() == 0:
         return out_q, out_k
     _check_launchable("q", q)
-    cfg = pick_config(q.shape[-1], q.shape[0] * q.shape[1])
+    cfg = pick_config(q.shape[-1], q.shape[0] * q.shape[1], q.shape[2])
     if q.numel() == 0 or k.numel() == 0:
         if q.numel():
             rope_fwd(q, None, cos, sin, out_q, None, cfg)
@@ -384,7 +387,7 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _check_launchable("x", x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rope_fwd(x, None, cos, sin, out, None, pick_config(x.shape[-1], x.shape[0] * x.shape[1]),
+    rope_fwd(x, None, cos, sin, out, None, pick_config(x.shape[-1], x.shape[0] * x.shape[1], x.shape[2]),
              norm_weight=weight.contiguous(), eps=eps)
     return out
 
