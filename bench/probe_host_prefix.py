@@ -30,6 +30,7 @@ from gemma4_fast.models import build_model, offline_tokenizer
 from common import git_commit, versions
 
 MARKS: dict[str, float] = {}
+EVENTS: list = []
 
 
 def _wrap(owner: Any, attr: str, label: str) -> None:
@@ -72,6 +73,15 @@ def main() -> None:
         _wrap(owner, attr, label)
     if graphs.model_gate is not None:
         _wrap(graphs, "model_gate", "gate")
+    replay = torch.cuda.CUDAGraph.replay
+
+    def evented(self: Any) -> None:
+        EVENTS.append(torch.cuda.Event(enable_timing=True))
+        EVENTS[-1].record()
+        replay(self)
+        EVENTS.append(torch.cuda.Event(enable_timing=True))
+        EVENTS[-1].record()
+    torch.cuda.CUDAGraph.replay = evented
     res: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "commit": git_commit(), "versions": versions()}
     for S, first in [(S, first) for S in args.seq for first in (False, True, False, True)]:
         graphs.launch_first = first
@@ -83,6 +93,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 MARKS.clear()
+                EVENTS.clear()
                 a.record()
                 t0 = time.perf_counter()
                 out = bridge(ids)
@@ -93,13 +104,26 @@ def main() -> None:
                 if i >= 3:
                     row = {k: (v - t0) * 1e3 for k, v in MARKS.items()}
                     row["return"], row["gpu_ms"] = (t1 - t0) * 1e3, a.elapsed_time(b)
+                    if len(EVENTS) == 2:
+                        row["gpu: graph starts"] = a.elapsed_time(EVENTS[0])
+                        row["gpu: graph ends"] = a.elapsed_time(EVENTS[1])
                     rows.append(row)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            for _ in range(8):
+                out = bridge(ids)
+            b.record()
+            torch.cuda.synchronize()
+            del out
+            chained = a.elapsed_time(b) / 8
         keys = sorted({k for r in rows for k in r}, key=lambda k: statistics.median(r.get(k, 0) for r in rows))
         med = {k: round(statistics.median(r[k] for r in rows if k in r), 3) for k in keys}
-        res.setdefault(str(S), []).append({"launch_first": first, "median_ms": med,
+        res.setdefault(str(S), []).append({"launch_first": first, "median_ms": med, "chained_ms": chained,
                                            "model_replays": graphs.model_replays,
                                            "early_dropped": graphs.early_dropped})
-        print(f"== S={S} launch_first={first}: call {med['gpu_ms']:.2f} ms (events), host returns after {med['return']:.2f} ms")
+        print(f"== S={S} launch_first={first}: call {med['gpu_ms']:.2f} ms (events; {chained:.2f} a call back to back), "
+              f"host returns after {med['return']:.2f} ms")
         for k in keys:
             if k not in ("gpu_ms", "return"):
                 print(f"   {k:24s} {med[k]:8.3f} ms")

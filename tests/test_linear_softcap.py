@@ -192,11 +192,13 @@ def _gluon_compile_report() -> list:
         for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
             x, w = torch.empty(300, 1536, dtype=dtype), torch.empty(1000, 1536, dtype=dtype)
             y = torch.empty(300, 1000, dtype=dtype)
+            coop = bool(cfg.get("COOP"))
             descs = dict(a_desc=H._descriptor(x, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
                          b_desc=H._descriptor(w, [cfg["BLOCK_N"], cfg["BLOCK_K"]]),
-                         c_desc=H._descriptor(y, [cfg["BLOCK_M"], cfg["BLOCK_N"]]))
-            ws = bool(cfg.get("WS"))
-            kernel = H.linear_softcap_ws_fwd_kernel if ws else H.linear_softcap_fwd_kernel
+                         c_desc=H._descriptor(y, [cfg["BLOCK_M"] // 2 if coop else cfg["BLOCK_M"], cfg["BLOCK_N"]]))
+            ws = bool(cfg.get("WS")) or coop
+            kernel = (H.linear_softcap_coop_fwd_kernel if coop else H.linear_softcap_ws_fwd_kernel if ws
+                      else H.linear_softcap_fwd_kernel)
             options = {"num_warps": H.WS_NUM_WARPS, "maxnreg": H.WS_MAXNREG} if ws else {"num_warps": H.NUM_WARPS}
             sig = {}
             for arg in kernel.arg_names:
@@ -215,7 +217,8 @@ def _gluon_compile_report() -> list:
 def test_every_config_compiles_for_sm90_and_fits():
     pytest.importorskip("triton.experimental.gluon")
     rep = run_without_interpreter(os.path.abspath(__file__), "_gluon_compile_report")
-    assert len(rep) == 4 and sum(bool(c.get("WS")) for c, *_ in rep) == 2
+    assert len(rep) == 6
+    assert sum(bool(c.get("WS")) for c, *_ in rep) == 2 and sum(bool(c.get("COOP")) for c, *_ in rep) == 2
     assert all(0 < shared <= SHARED_LIMIT[90] for *_, shared in rep), rep
 
 

@@ -26,9 +26,8 @@ from .softcap import logit_softcap
 #: Fewest rows sent to the fused kernel (512 rows measured 1.12x the unfused path on the H100, E2B's head, with
 #: the one-tile kernel).
 MIN_ROWS = 512
-#: Largest hidden size sent to the fused kernel (measured up to 26B-A4B's 2816: the ping-pong kernel ran at
-#: 0.97-1.10x the unfused path there in three runs, at parity while writing the logits once; 1.06-1.23x at E2B's
-#: 1536; larger hidden sizes are not measured).
+#: Largest hidden size sent to the fused kernel (measured up to 26B-A4B's 2816: the cooperative kernel ran at 1.16x
+#: the unfused path there, 1.23-1.44x at E2B's 1536; larger hidden sizes are not measured).
 MAX_K = 2816
 
 

@@ -1,5 +1,5 @@
-"""Hopper (sm_90) LM head with the final softcap in its epilogue, in Gluon: ``linear_softcap_ws_fwd_kernel`` and
-``linear_softcap_fwd_kernel``, launcher ``linear_softcap_fwd``.
+"""Hopper (sm_90) LM head with the final softcap in its epilogue, in Gluon: ``linear_softcap_coop_fwd_kernel`` (the
+default), ``linear_softcap_ws_fwd_kernel`` and ``linear_softcap_fwd_kernel``, launcher ``linear_softcap_fwd``.
 
 ``y = cap * tanh((x @ w^T) / cap)`` for bf16 / fp16 ``x [M, K]`` and ``w [N, K]`` (the LM head's weight, tied to
 the embedding in Gemma 4), written once as ``y [M, N]`` in x's dtype. cuBLAS runs the LM head GEMM near the
@@ -7,22 +7,25 @@ tensor cores' rate but writes the raw logits, which the softcap then reads and w
 262144-word vocabulary that second pass moves 8.6 GB (3 ms on an H100). Here the softcap is applied to the fp32
 accumulator before the only store.
 
-Design (``linear_softcap_ws_fwd_kernel``, the default): a persistent program per SM walks output tiles of ``64 x
-256``, down the rows of one column block before the next (in groups of 4096 rows), so the programs in flight share
-the weight tile they read (from L2) and the rows of ``x`` they read stay in L2. Three partitions
-(``gl.warp_specialize``): a 1-warp loader streams the operands of every tile through a TMA ring of ``STAGES``
-slots, and two consumer warpgroups take alternate tiles, each with its own accumulator (``m64n256k16`` warpgroup
-MMAs) and output buffer. Their main loops alternate (CUTLASS's ping-pong schedule), so the epilogue of one
-warpgroup's tile (scale, the hardware ``tanh.approx.f32`` with relative error about 2**-11, under half a bf16 unit
-in the last place, one rounding, the store to shared memory and the TMA store) runs while the other's MMAs keep the
-tensor cores busy. Rows past ``M`` and columns past ``N`` are clipped by TMA; the K tail is zero-filled.
+Design (``linear_softcap_coop_fwd_kernel``): a persistent program per SM walks output tiles of ``128 x 256``, down
+the rows of one column block before the next (in groups of 4096 rows), so the programs in flight share the weight
+tile they read (from L2) and the rows of ``x`` they read stay in L2. Three partitions (``gl.warp_specialize``): a
+1-warp loader streams the operands of every tile through a TMA ring of ``STAGES`` slots, and two consumer
+warpgroups multiply the two 64-row halves of each tile (``m64n256k16`` warpgroup MMAs, each with its own
+accumulator and output buffer), reading the same weight tile from each slot and releasing the slot together. The
+epilogue (scale, the hardware ``tanh.approx.f32`` with relative error about 2**-11, under half a bf16 unit in the
+last place, one rounding, the store to shared memory and the TMA store) runs while the loader refills the ring.
+Rows past ``M`` and columns past ``N`` are clipped by TMA; the K tail is zero-filled.
 
-``linear_softcap_fwd_kernel`` (the earlier design, an A/B baseline): both warpgroups on one ``128 x 256`` tile; its
-epilogue stalls the tensor cores (one accumulator per warpgroup, no room for a second tile).
+``linear_softcap_ws_fwd_kernel`` (ping-pong, an A/B baseline): the two consumer warpgroups take alternate ``64 x
+256`` tiles and their main loops alternate (CUTLASS's ping-pong schedule), so one's epilogue runs under the other's
+MMAs; but two independent tiles read each weight tile twice, and the operand reads from L2 set its pace.
+``linear_softcap_fwd_kernel`` (the first design, an A/B baseline): 8 warps on one ``128 x 256`` tile without
+warp specialization; its loads are issued by the warps that multiply and its epilogue stalls them.
 
-Measured (H100, ``bench/ab_lm_head.py``, ``docs/notes/softcap.md``): E2B 8k 11.0-11.6 ms against 12.4 for cuBLAS's
-GEMM plus the softcap pass and 11.8 for the one-tile kernel; 4k 5.3-5.6 against 6.1 / 5.8; 26B-A4B 4k (hidden
-2816) 9.6-10.4 against 10.2-10.6 / 10.4.
+Measured (H100, ``bench/ab_lm_head.py``, ``docs/notes/softcap.md``): E2B 8k 9.65 ms (684 TFLOP/s) against 10.76 for
+the ping-pong kernel and 13.9 for cuBLAS's GEMM plus the softcap pass; 4k 5.11 against 5.55 / 6.30; 26B-A4B 4k
+(hidden 2816) 8.90 against 10.16 / 10.28.
 """
 from __future__ import annotations
 
@@ -252,6 +255,87 @@ def linear_softcap_ws_fwd_kernel(a_desc, b_desc, c_desc, M, N, K, group_m, inv_c
                        [WS_CONSUMER_REGS, WS_LOADER_REGS])
 
 
+@gluon.jit
+def _coop_consume(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap,
+                  WHICH: gl.constexpr):
+    """One consumer warpgroup of the cooperative kernel: rows ``WHICH * BLOCK_M / 2 ...`` of every tile of the program,
+    from the same ring slots as the other warpgroup (each slot is released by both: ``empty`` counts two arrivals),
+    softcapped and stored through its own half of the output buffer. Both warpgroups read the slot's weight tile,
+    so a ``BLOCK_M x BLOCK_N`` tile moves half the operand bytes per MMA of two ping-pong tiles of half its rows.
+    No ordering barrier: the shared slots keep the two within ``STAGES`` steps of each other, one lap of the ring."""
+    STAGES: gl.constexpr = a_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = a_smem.type.shape[1]
+    BLOCK_K: gl.constexpr = a_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = b_smem.type.shape[1]
+    HALF_M: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = a_desc.dtype
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_N, 16])
+    out = c_smem.index(WHICH)
+    pid, nprog, num_m, num_n, k_tiles, my_tiles = _ws_plan(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
+    for i in range(my_tiles):
+        base = i * k_tiles
+        acc = zero
+        for kk in range(k_tiles):
+            step = base + kk
+            slot = step % STAGES
+            mbarrier.wait(full.index(slot), (step // STAGES) & 1)
+            acc = warpgroup_mma(a_smem.index(slot).slice(WHICH * HALF_M, HALF_M), b_smem.index(slot).permute((1, 0)),
+                                acc, use_acc=kk > 0, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            if kk > 0:
+                mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index((base + k_tiles - 1) % STAGES), count=1)
+        pm, pn = _grouped_tile(pid + i * nprog, num_m, num_n, group_m)
+        y = _tanh_approx(acc * inv_cap) * cap
+        tma.store_wait(0)
+        out.store(y.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [pm * BLOCK_M + WHICH * HALF_M, pn * BLOCK_N], out)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _coop_consumer_0(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap,
+                     cap):
+    """The default-partition consumer: the upper half of every tile's rows."""
+    _coop_consume(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap,
+                  0)
+
+
+@gluon.jit
+def _coop_consumer_1(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap,
+                     cap):
+    """The worker consumer: the lower half of every tile's rows."""
+    _coop_consume(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap,
+                  1)
+
+
+@gluon.jit
+def linear_softcap_coop_fwd_kernel(a_desc, b_desc, c_desc, M, N, K, group_m, inv_cap, cap, BLOCK_M: gl.constexpr,
+                                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """The cooperative variant of ``linear_softcap_ws_fwd_kernel`` (same operands, loader, tile order and epilogue):
+    both consumer warpgroups work on every ``BLOCK_M x BLOCK_N`` tile of the program, half of its rows each, reading
+    one ring slot's weight tile together; ``c_desc``'s block is ``[BLOCK_M / 2, BLOCK_N]``. The epilogues of the two
+    halves run at the same time (the tensor cores wait for them) while the loader fills the ring for the next tile."""
+    dtype: gl.constexpr = a_desc.dtype
+    a_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    c_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, BLOCK_N], c_desc.layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    fence_async_shared()
+    args = (a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, order, M, N, K, group_m, inv_cap, cap)
+    gl.warp_specialize([(_coop_consumer_0, args), (_coop_consumer_1, args), (_ws_loader, args)], [4, 1],
+                       [WS_CONSUMER_REGS, WS_LOADER_REGS])
+
+
 def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
@@ -262,14 +346,17 @@ def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 
 def linear_softcap_configs() -> list[dict[str, int]]:
-    """The candidate configs. First (the default) the ping-pong ``linear_softcap_ws_fwd_kernel`` (``WS: 1``): a 64 x
-    256 tile per consumer warpgroup, a 4-slot ring, two 32 KB output buffers, tiles in groups of 64 row blocks (4096
-    rows: x's rows in flight stay in L2 at 8k tokens). Then ``linear_softcap_fwd_kernel`` (8 warps on one 128 x 256
-    tile, a 3-slot ring: the largest that fits beside the 64 KB output tile), kept as the A/B baseline. Both fit
-    sm_90's 227 KB of shared memory per block. Measured (H100, ``bench/ab_lm_head.py``, 1k-8k rows): 128 x 128 tiles
-    per warpgroup ran at 0.88-0.98x cuBLAS plus the softcap at 4k-8k rows; 64 x 256 ones beat the one-tile kernel by
-    2-16 %."""
-    return [dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, WS=1, GROUP_M=64),
+    """The candidate configs. First (the default) the cooperative ``linear_softcap_coop_fwd_kernel`` (``COOP: 1``): a
+    128 x 256 tile shared by the two consumer warpgroups (64 rows each), a 3-slot ring of 48 KB slots, two 32 KB
+    output buffers, tiles in groups of 32 row blocks (4096 rows). Then the ping-pong ``linear_softcap_ws_fwd_kernel``
+    (``WS: 1``: a 64 x 256 tile per consumer warpgroup, a 4-slot ring, groups of 64 row blocks) and
+    ``linear_softcap_fwd_kernel`` (8 warps on one 128 x 256 tile, a 3-slot ring), kept as A/B baselines. All fit
+    sm_90's 227 KB of shared memory per block. Measured (H100, ``bench/ab_lm_head.py``): the cooperative tile ran at
+    684 TFLOP/s at E2B 8k (9.65 ms) against 613 for the ping-pong kernel and 476 for cuBLAS plus the softcap pass; the
+    ping-pong kernel's two independent 64-row tiles read every weight tile twice, so at 64 x 256 its operand reads
+    from L2 (~20 bytes per kFLOP) set its pace."""
+    return [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3, COOP=1, GROUP_M=32),
+            dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, WS=1, GROUP_M=64),
             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3)]
 
 
@@ -300,24 +387,27 @@ def hopper_unsupported(x: torch.Tensor, w: torch.Tensor) -> Optional[str]:
 
 def linear_softcap_fwd(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cap: float, cfg: dict[str, int],
                        programs: Optional[int] = None) -> None:
-    """Launch the kernel ``cfg`` names (``WS``: ``linear_softcap_ws_fwd_kernel``, else ``linear_softcap_fwd_kernel``):
+    """Launch the kernel ``cfg`` names (``COOP``: ``linear_softcap_coop_fwd_kernel``, ``WS``:
+    ``linear_softcap_ws_fwd_kernel``, else ``linear_softcap_fwd_kernel``):
     ``out [M, N] = cap * tanh((x [M, K] @ w [N, K]^T) / cap)``.
 
     No validation (``hopper_unsupported`` is the check). ``cfg``: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
-    ``STAGES``, optional ``WS`` and ``GROUP_M`` (row blocks per tile group of the ping-pong kernel; default all).
+    ``STAGES``, optional ``COOP`` / ``WS`` and ``GROUP_M`` (row blocks per tile group of the warp-specialized kernels;
+    default all).
     ``programs``: persistent programs (default: one per SM, at most one per tile)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     m, k = x.shape
     n = w.shape[0]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     grid = (min(tiles, programs or sm_count(x.device)),)
-    descs = (_descriptor(x, [bm, bk]), _descriptor(w, [bn, bk]), _descriptor(out, [bm, bn]))
+    coop = bool(cfg.get("COOP"))
+    descs = (_descriptor(x, [bm, bk]), _descriptor(w, [bn, bk]), _descriptor(out, [bm // 2 if coop else bm, bn]))
     with torch.cuda.device(x.device):
-        if cfg.get("WS"):
+        if cfg.get("WS") or coop:
             group = cfg.get("GROUP_M") or triton.cdiv(m, bm)
-            linear_softcap_ws_fwd_kernel[grid](*descs, m, n, k, group, 1.0 / cap, float(cap), BLOCK_M=bm, BLOCK_N=bn,
-                                               BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=WS_NUM_WARPS,
-                                               maxnreg=WS_MAXNREG)
+            kernel = linear_softcap_coop_fwd_kernel if coop else linear_softcap_ws_fwd_kernel
+            kernel[grid](*descs, m, n, k, group, 1.0 / cap, float(cap), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         STAGES=cfg["STAGES"], num_warps=WS_NUM_WARPS, maxnreg=WS_MAXNREG)
         else:
             linear_softcap_fwd_kernel[grid](*descs, m, n, k, 1.0 / cap, float(cap), BLOCK_M=bm, BLOCK_N=bn,
                                             BLOCK_K=bk, STAGES=cfg["STAGES"], num_warps=NUM_WARPS)
