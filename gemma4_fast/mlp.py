@@ -11,6 +11,13 @@ rounding; gradients by recomputing the naive op), on ``"torch"`` it is HF's own
 The fused op only stands in for the tanh GELU of ``transformers.activations`` (``gelu_pytorch_tanh``,
 the Gemma 4 default) when ``act_fn`` carries no forward hooks; any other activation, or a hooked one,
 runs HF's expression (logged once).
+
+When nothing can observe ``gate`` and ``up`` (``fused_projections``: bias-free ``nn.Linear`` projections with bf16 /
+fp16 weights on a GPU, or TransformerLens ``LinearBridge`` wrappers of them, with no hook on either, no global module
+hooks, no instance-level ``forward`` such as accelerate's) and autograd is off for them, the two projections and the
+activation run as one op, ``gemma4_fast.ops.linear_gelu_mul`` (on Hopper one kernel: ``gate`` and ``up`` are never
+written; elsewhere the same two GEMMs and ``gelu_mul``). A hook attached to either projection brings back the
+separate calls.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import ops
+from .hooks import global_module_hooks
+from .kernels._common import needs_grad
 
 GELU_TANH_NAMES = ("gelu_pytorch_tanh",)
 
@@ -46,6 +55,61 @@ def gelu_tanh_unsupported(act_fn: object) -> Optional[str]:
     return None
 
 
+def _on_gpu_half(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
+
+
+_BRIDGE_LINEAR = ("transformer_lens.model_bridge.generalized_components.linear", "LinearBridge")
+_BRIDGE_CHILDREN = {"hook_in", "hook_out", "_original_component"}
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _plain_linear(m: Optional[nn.Module]) -> Optional[nn.Linear]:
+    """``m`` when it is an unhooked, bias-free ``nn.Linear`` with a bf16 / fp16 weight on a GPU and its class's own
+    ``forward``, else None."""
+    if type(m) is not nn.Linear or m.bias is not None or _hooked(m) or not _on_gpu_half(m.weight):
+        return None
+    if "forward" in m.__dict__ or "_hf_hook" in m.__dict__:
+        return None
+    return m
+
+
+def _projection_linear(proj: nn.Module) -> Optional[nn.Linear]:
+    """The ``nn.Linear`` computing ``proj``'s output when nothing can observe that output: ``proj`` itself (see
+    ``_plain_linear``), or the linear inside an unhooked TransformerLens ``LinearBridge`` whose ``hook_in`` and
+    ``hook_out`` hold no hooks; else None."""
+    cls = type(proj)
+    if cls is nn.Linear:
+        return _plain_linear(proj)
+    if (cls.__module__, cls.__name__) != _BRIDGE_LINEAR or proj._modules.keys() != _BRIDGE_CHILDREN:
+        return None
+    if _hooked(proj) or "forward" in proj.__dict__ or _hooked(proj._modules["hook_in"]) \
+            or _hooked(proj._modules["hook_out"]):
+        return None
+    return _plain_linear(proj._modules["_original_component"])
+
+
+def fused_projections(gate_proj: nn.Module, up_proj: nn.Module) -> Optional[tuple[nn.Linear, nn.Linear]]:
+    """The ``(gate, up)`` linears when ``act_fn(gate_proj(x)) * up_proj(x)`` may run as one op (see the module
+    docstring), else None."""
+    gate = _projection_linear(gate_proj)
+    up = _projection_linear(up_proj) if gate is not None else None
+    if up is None or up.weight.shape != gate.weight.shape or global_module_hooks(backward=True):
+        return None
+    return gate, up
+
+
+def _mark_bridge_called(proj: nn.Module) -> None:
+    """What a TransformerLens ``LinearBridge`` call records (the projection-hook protocol: its suppressed
+    ``hook_in`` consumed, its ``hook_out`` fired), for a projection that ran inside the fused op."""
+    if type(proj) is not nn.Linear:
+        object.__setattr__(proj, "_suppress_next_hook_in", False)
+        object.__setattr__(proj, "_fired_hook_out", True)
+
+
 class FastMLPMixin:
     """Forward of ``Gemma4TextMLP`` (and ``Gemma4UnifiedTextMLP``) with the fused activation; see the
     module docstring. Input ``x [..., hidden]`` -> ``[..., hidden]`` in the linears' dtype."""
@@ -53,14 +117,21 @@ class FastMLPMixin:
     _g4f_backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        up = self.up_proj(x)
         backend = self._g4f_backend
         if backend != "torch":
             why = gelu_tanh_unsupported(self.act_fn)
             if why is not None:
                 ops.log_once("mlp:act", f"mlp: {why}; running HF's act_fn(gate) * up")
                 backend = "torch"
+        if backend != "torch":
+            pair = fused_projections(self.gate_proj, self.up_proj)
+            if pair is not None and not needs_grad(x, pair[0].weight, pair[1].weight):
+                h = ops.linear_gelu_mul(x, pair[0].weight, pair[1].weight, backend=backend)
+                _mark_bridge_called(self.gate_proj)
+                _mark_bridge_called(self.up_proj)
+                return self.down_proj(h)
+        gate = self.gate_proj(x)
+        up = self.up_proj(x)
         if backend == "torch":
             h = self.act_fn(gate) * up
         else:

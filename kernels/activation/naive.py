@@ -22,3 +22,19 @@ def gelu_mul_naive(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ``[..., N]`` in torch's promoted dtype of (gate, up).
     """
     return F.gelu(gate, approximate="tanh") * up
+
+
+def linear_gelu_mul_naive(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """``act_fn(gate_proj(x)) * up_proj(x)`` of ``Gemma4TextMLP.forward`` with bias-free projections, exactly as HF
+    computes it: ``gelu(x @ w_gate^T, approximate="tanh") * (x @ w_up^T)`` (the GEMMs, the GELU and the product
+    each rounded in low precision).
+
+    Args:
+        x: ``[..., K]`` the MLP input (after ``pre_feedforward_layernorm``).
+        w_gate: ``[N, K]`` ``gate_proj.weight``.
+        w_up: ``[N, K]`` ``up_proj.weight``.
+
+    Returns:
+        ``[..., N]``, the input of ``down_proj``, in torch's promoted dtype.
+    """
+    return F.gelu(F.linear(x, w_gate), approximate="tanh") * F.linear(x, w_up)
