@@ -8,7 +8,7 @@ Scope and limits:
     accumulates both products of an output tile side by side and applies the activation to the accumulators: the
     ``gate`` and ``up`` outputs are never written. Rounding is the unfused path's (each product rounded to x's dtype,
     then ``gelu_tanh(g) * u`` in fp32, rounded once); only the GEMMs' summation order differs.
-  * Otherwise (fewer rows, another GPU, other dtypes or layouts, a Triton without Gluon) it runs
+  * Otherwise (fewer rows, another GPU, other dtypes or layouts, a Triton without Gluon, ``OFF_ENV`` set to 0) it runs
     ``torch.nn.functional.linear`` twice and ``gelu_mul`` (the one-pass Triton activation, or HF's two ops where
     Triton cannot launch), each reason logged once. Under autograd it runs ``linear_gelu_mul_naive`` (HF's
     expression), which is differentiable.
@@ -17,6 +17,7 @@ Scope and limits:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -26,9 +27,11 @@ from .gelu_mul import gelu_mul
 from .naive import gelu_mul_naive, linear_gelu_mul_naive
 
 #: Fewest rows sent to the fused kernel (below it the GEMMs are weight-bandwidth bound and cuBLAS's small-M kernels
-#: win; decode steps take the unfused path). Measured from 512 rows (1.06-1.22x with the ping-pong kernel, 1.39x at
-#: 1000 rows with the cooperative one).
-MIN_ROWS = 512
+#: win; decode steps take the unfused path): the cooperative kernel ran 1.38-1.39x the unfused path at 1000 rows and
+#: 0.97x at 512.
+MIN_ROWS = 1000
+#: ``GEMMA4_FAST_LINEAR_GELU_MUL=0`` sends every call to the unfused path (A/B runs; logged once).
+OFF_ENV = "GEMMA4_FAST_LINEAR_GELU_MUL"
 #: Largest hidden size sent to the fused kernel: measured 1.15-1.39x the unfused path at E2B's 1536, 0.92x at
 #: 26B-A4B's 2816 (its 2112-wide dense MLP gives too few column tiles); between the two, not measured.
 MAX_K = 1536
@@ -47,6 +50,8 @@ def _check(x: Any, w_gate: Any, w_up: Any) -> None:
 
 def _hopper_reason(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> Optional[str]:
     """Why the fused kernel does not take this call (None when it does)."""
+    if os.environ.get(OFF_ENV, "").strip() == "0":
+        return f"is turned off ({OFF_ENV}=0)"
     if x2.shape[0] < MIN_ROWS:
         return f"gets fewer than {MIN_ROWS} rows"
     if x2.shape[1] > MAX_K:
@@ -95,4 +100,4 @@ def linear_gelu_mul(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -
     return gelu_mul(gate, up) if can_launch(gate) else gelu_mul_naive(gate, up)
 
 
-__all__ = ["linear_gelu_mul", "MIN_ROWS", "MAX_K"]
+__all__ = ["linear_gelu_mul", "MIN_ROWS", "MAX_K", "OFF_ENV"]
