@@ -8,8 +8,9 @@ show at model level, so a change is judged against its baseline on one GPU, in o
 Each ``--variant NAME SETTINGS`` sets ``VAR=VALUE`` pairs (separated by ``;``; empty: the defaults) in
 ``os.environ`` before its calls; kernels that read their pinned config per call (``pinned_config``) follow it. The
 bridge (fast kernels, prefill graphs, random bf16 weights of the preset) is built once. A round times ``--calls``
-calls of each variant (CUDA events around each call, after one untimed call); the row keeps the median over all of
-a variant's timed calls and each round's median. Writes ``model_env_ab.json`` (``$GEMMA4_FAST_RESULTS`` or
+calls of each variant (CUDA events around each call) after dropping every captured graph and two untimed calls (the
+eager warm-up and the capture), so each variant replays graphs captured under its own settings; the row keeps the
+median over all of a variant's timed calls and each round's median. Writes ``model_env_ab.json`` (``$GEMMA4_FAST_RESULTS`` or
 ``bench/results/<gpu>/``).
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main() -> None:
     bridge = TransformerBridge.boot_transformers(f"google/gemma-4-{args.preset}", hf_model=model,
                                                  tokenizer=offline_tokenizer())
     gemma4_fast.enable_fast_kernels(bridge, True)
-    gemma4_fast.enable_prefill_graphs(bridge)
+    graphs = gemma4_fast.enable_prefill_graphs(bridge)
     variants = {name: _settings(text) for name, text in args.variant}
     saved = {k: os.environ.get(k) for v in variants.values() for k in v}
 
@@ -78,6 +79,8 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for name, settings in variants.items():
                         use(settings)
+                        graphs.clear()
+                        fn()
                         fn()
                         torch.cuda.synchronize()
                         each = []
