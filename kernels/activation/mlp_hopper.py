@@ -32,10 +32,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .._common import pinned_config, sm_count
-from ..softcap.lm_head_hopper import WS_CONSUMER_REGS, WS_LOADER_REGS, WS_MAXNREG, WS_NUM_WARPS, _grouped_tile
+from ..softcap.lm_head_hopper import (WS_CONSUMER_REGS, WS_LOADER_REGS, WS_MAXNREG, WS_NUM_WARPS, _descriptor,
+                                      _grouped_tile)
 
 NUM_WARPS = 8
 #: Pins one config for tests (JSON, e.g. '{"BLOCK_N": 64, "STAGES": 3}'), merged over the default.
@@ -254,7 +254,8 @@ def _coop_consume(a_desc, g_desc, u_desc, c_desc, a_smem, g_smem, u_smem, c_smem
                   group_m, WHICH: gl.constexpr):
     """One consumer warpgroup of the cooperative kernel: rows ``WHICH * BLOCK_M / 2 ...`` of every tile of the
     program, with gate and up accumulators, from the same ring slots as the other warpgroup (``empty`` counts two
-    arrivals; see ``lm_head_hopper._coop_consume``), stored through its own half of the output buffer."""
+    arrivals; see ``lm_head_hopper._coop_consume``), stored through its own half of the output buffer. ``order`` is
+    not used (the partitions share the ping-pong kernel's argument list)."""
     STAGES: gl.constexpr = a_smem.type.shape[0]
     BLOCK_M: gl.constexpr = a_smem.type.shape[1]
     BLOCK_K: gl.constexpr = a_smem.type.shape[2]
@@ -333,15 +334,6 @@ def linear_gelu_mul_coop_fwd_kernel(a_desc, g_desc, u_desc, c_desc, M, N, K, gro
     args = (a_desc, g_desc, u_desc, c_desc, a_smem, g_smem, u_smem, c_smem, full, empty, order, M, N, K, group_m)
     gl.warp_specialize([(_coop_consumer_0, args), (_coop_consumer_1, args), (_ws_loader, args)], [4, 1],
                        [WS_CONSUMER_REGS, WS_LOADER_REGS])
-
-
-def _gl_dtype(dtype: torch.dtype):
-    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-
-
-def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    layout = gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(t.dtype))
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
 def linear_gelu_mul_configs() -> list[dict[str, int]]:

@@ -262,7 +262,8 @@ def _coop_consume(a_desc, b_desc, c_desc, a_smem, b_smem, c_smem, full, empty, o
     from the same ring slots as the other warpgroup (each slot is released by both: ``empty`` counts two arrivals),
     softcapped and stored through its own half of the output buffer. Both warpgroups read the slot's weight tile,
     so a ``BLOCK_M x BLOCK_N`` tile moves half the operand bytes per MMA of two ping-pong tiles of half its rows.
-    No ordering barrier: the shared slots keep the two within ``STAGES`` steps of each other, one lap of the ring."""
+    No ordering barrier (``order`` is not used): the shared slots keep the two within ``STAGES`` steps of each other,
+    one lap of the ring."""
     STAGES: gl.constexpr = a_smem.type.shape[0]
     BLOCK_M: gl.constexpr = a_smem.type.shape[1]
     BLOCK_K: gl.constexpr = a_smem.type.shape[2]
