@@ -40,7 +40,10 @@ to record is captured whole (embeddings, per-layer inputs, every layer, the fina
 signature and replayed after: one launch instead of a host-side walk through 35 layers, whose first kernels would
 otherwise wait for the host. Other calls run the per-layer graphs above. Invalidation as for layers (replaced or moved
 parameters, checked after each launch, the stale output dropped; ``patch_model`` / ``unpatch_model``; a submodule
-replaced after enabling needs ``disable`` / ``enable``); the returned output holds clones.
+replaced after enabling needs ``disable`` / ``enable``); the returned output holds clones. While no hook was
+registered anywhere (the ``RemovableHandle`` counter) and nothing was patched since the hook check last passed, a
+replay launches before that check, which then runs after the launch; a failed check drops the replay's output and
+runs the call eagerly (``model_call``).
 
 ``enable_prefill_graphs(model_or_bridge)`` / ``disable_prefill_graphs(...)``. On a TransformerBridge with fast
 kernels on, quiet blocks (``bridge_integration.quiet``) replay their layer; on a patched HF model the text model or
