@@ -450,6 +450,26 @@ def test_cuda_bridge_whole_model_graph_matches_eager():
     assert graphs.model_replays == 3 and not any(e.failed for e in graphs.model_entries.values())
 
 
+@pytest.mark.cuda
+def test_cuda_e2b_slice_whole_model_graph_with_hopper_kernels_matches_eager():
+    """Three bf16 E2B layers at 1100 tokens, full logits: the replayed text model (its MLPs on the fused gate / up
+    kernel on sm_90, attention on the Gluon kernels) and the LM head equal the same patched model without graphs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ref = build_model("E2B", torch.bfloat16, "cuda", num_hidden_layers=3)
+    model = build_model("E2B", torch.bfloat16, "cuda", num_hidden_layers=3)
+    for m in (ref, model):
+        patch_model(m, backend="triton")
+    graphs = enable_prefill_graphs(model)
+    ids = torch.randint(4, 260000, (1, 1100), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        want = ref(ids, use_cache=False).logits.float()
+        for _ in range(3):
+            got = model(ids, use_cache=False).logits.float()
+    assert graphs.model_replays == 2 and not any(e.failed for e in graphs.model_entries.values())
+    assert ((got - want).norm() / want.norm()).item() <= 1e-3
+
+
 def _order(monkeypatch):
     """A list that records, in order, every hook check of a whole-model call ("check") and every emulated replay."""
     from gemma4_fast.graphs import _Emulated
