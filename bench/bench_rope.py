@@ -43,7 +43,7 @@ def main() -> None:
             out = torch.empty_like(x)
             nbytes = 2 * x.numel() * 2 + 2 * cos.numel() * 2
             copy_ms = graph_ms(lambda: x.clone())
-            default = default_config(D, S)
+            default = default_config(D, S, H)
             configs = [default] + [c for c in rope_configs(D) if c != default]
             times = {}
             for cfg in configs:
