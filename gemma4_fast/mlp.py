@@ -15,8 +15,8 @@ runs HF's expression (logged once).
 When nothing can observe ``gate`` and ``up`` (``fused_projections``: bias-free ``nn.Linear`` projections with bf16 /
 fp16 weights on a GPU, or TransformerLens ``LinearBridge`` wrappers of them, with no hook on either, no global module
 hooks, no instance-level ``forward`` such as accelerate's) and autograd is off for them, the two projections and the
-activation run as one op, ``gemma4_fast.ops.linear_gelu_mul`` (on Hopper one kernel: ``gate`` and ``up`` are never
-written; elsewhere the same two GEMMs and ``gelu_mul``). A hook attached to either projection brings back the
+activation run as one op, ``gemma4_fast.ops.linear_gelu_mul`` (on Hopper, for at least 1000 rows and a hidden size up
+to 1536, one kernel: ``gate`` and ``up`` are never written; elsewhere the same two GEMMs and ``gelu_mul``). A hook attached to either projection brings back the
 separate calls.
 """
 from __future__ import annotations

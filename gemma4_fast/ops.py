@@ -179,8 +179,8 @@ def linear_gelu_mul(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *
                     backend: str = "auto") -> torch.Tensor:
     """``gemma4_fast.kernels.activation.linear_gelu_mul`` or ``linear_gelu_mul_naive``: the MLP's gate and up
     projections with the activation, ``gelu_tanh(x @ w_gate^T) * (x @ w_up^T)``, ``[..., K] -> [..., N]``. On an
-    sm_90 GPU one kernel (``gate`` and ``up`` are never written); elsewhere two GEMMs and ``gelu_mul``. The torch
-    twin is HF's expression."""
+    sm_90 GPU, where the kernel takes the shape, one kernel (``gate`` and ``up`` are never written); elsewhere two
+    GEMMs and ``gelu_mul``. The torch twin is HF's expression."""
     b = resolve(backend, "linear_gelu_mul", x, w_gate, w_up)
     return _fn("activation", "linear_gelu_mul", b)(x, w_gate, w_up)
 
