@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from .._common import pinned_config, sm_count
 from ..softcap.lm_head_hopper import (WS_CONSUMER_REGS, WS_LOADER_REGS, WS_MAXNREG, WS_NUM_WARPS, _descriptor,
-                                      _grouped_tile)
+                                      _grouped_tile, _ws_plan)
 
 NUM_WARPS = 8
 #: Pins one config for tests (JSON, e.g. '{"BLOCK_N": 64, "STAGES": 3}'), merged over the default.
@@ -138,12 +138,7 @@ def _ws_loader(a_desc, g_desc, u_desc, c_desc, a_smem, g_smem, u_smem, c_smem, f
     BLOCK_M: gl.constexpr = a_smem.type.shape[1]
     BLOCK_K: gl.constexpr = a_smem.type.shape[2]
     BLOCK_N: gl.constexpr = g_smem.type.shape[1]
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    num_m = gl.cdiv(M, BLOCK_M)
-    num_n = gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    my_tiles = gl.cdiv(num_m * num_n - pid, nprog)
+    pid, nprog, num_m, num_n, k_tiles, my_tiles = _ws_plan(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     for step in range(my_tiles * k_tiles):
         slot = step % STAGES
         mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
@@ -171,12 +166,7 @@ def _ws_consume(a_desc, g_desc, u_desc, c_desc, a_smem, g_smem, u_smem, c_smem, 
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
     out = c_smem.index(WHICH)
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    num_m = gl.cdiv(M, BLOCK_M)
-    num_n = gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    my_tiles = gl.cdiv(num_m * num_n - pid, nprog)
+    pid, nprog, num_m, num_n, k_tiles, my_tiles = _ws_plan(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
     for i in range(WHICH, my_tiles, 2):
         if i > 0:
@@ -265,12 +255,7 @@ def _coop_consume(a_desc, g_desc, u_desc, c_desc, a_smem, g_smem, u_smem, c_smem
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
     out = c_smem.index(WHICH)
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    num_m = gl.cdiv(M, BLOCK_M)
-    num_n = gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    my_tiles = gl.cdiv(num_m * num_n - pid, nprog)
+    pid, nprog, num_m, num_n, k_tiles, my_tiles = _ws_plan(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
     for i in range(my_tiles):
         base = i * k_tiles
