@@ -196,11 +196,13 @@ def test_attention_cpu_tma_fallback(cpu_kernels, monkeypatch):
 SPLIT_CASES = [c for c in CPU_CASES if c[3] <= 16]
 
 
+@pytest.mark.parametrize("keys_as_rows", [0, 1])
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "B{}H{}-{}S{}x{}D{}w{}c{}{}p{}kv{}".format(*c))
-def test_attention_cpu_split_combine_chunks(cpu_kernels, monkeypatch, case):
-    """Decode path with many one-block splits and the combine kernel split over output columns."""
+def test_attention_cpu_split_combine_chunks(cpu_kernels, monkeypatch, case, keys_as_rows):
+    """Decode path with many one-block splits and the combine kernel split over output columns, on the split kernel
+    and on the keys-as-rows decode kernel (``KEYS_AS_ROWS``)."""
     monkeypatch.setenv("GEMMA4_FAST_ATTN_SPLIT_CONFIG", '{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, '
-                       '"MIN_BLOCKS": 1, "MAX_SPLITS": 512, "COMBINE_D": 32}')
+                       f'"MIN_BLOCKS": 1, "MAX_SPLITS": 512, "COMBINE_D": 32, "KEYS_AS_ROWS": {keys_as_rows}}}')
     B, Hq, Hkv, Sq, Sk, D, window, softcap, causal, pad, kv_same = case
     q, k, v, kpm = make_inputs(B, Hq, Hkv, Sq, Sk, D, pad=pad, kv_same=kv_same)
     kw = dict(window=window, softcap=softcap, causal=causal, key_padding_mask=kpm)

@@ -167,6 +167,8 @@ def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) 
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_R=fwd.split_rows(8, 1), BLOCK_N=cfg["BLOCK_N"],
                   HAS_KVLEN=True, USE_PDL=capability == 90, **_flags(dt))
         kernel = fwd.attention_split_fwd_kernel
+        if cfg.get("KEYS_AS_ROWS"):
+            from gemma4_fast.kernels.attention.decode import attention_decode_fwd_kernel as kernel
     else:
         ce = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_DK=min(cfg["BLOCK_DK"], bd), PATTERN=True, **_flags(dt))

@@ -39,11 +39,11 @@ def models():
     return {p: build_model(p) for p in PRESETS}
 
 
-@pytest.fixture
-def split_kernel(monkeypatch):
+@pytest.fixture(params=[SPLIT_TILE, SPLIT_TILE[:-1] + ', "KEYS_AS_ROWS": 1}'], ids=["split", "keys_as_rows"])
+def split_kernel(monkeypatch, request):
     if not interpret_mode():
         pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (set by conftest without a GPU)")
-    monkeypatch.setenv("GEMMA4_FAST_ATTN_SPLIT_CONFIG", SPLIT_TILE)
+    monkeypatch.setenv("GEMMA4_FAST_ATTN_SPLIT_CONFIG", request.param)
     monkeypatch.setattr(api, "_new_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                       device=device))
 

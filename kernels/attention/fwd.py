@@ -494,6 +494,9 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
     ``PDL_MAX_KEYS``, the combine is a programmatic dependent launch (its launch and index math overlap the split
     kernel's tail; ``DECODE_PDL_ENV=0`` turns that off).
 
+    ``config["KEYS_AS_ROWS"]`` (truthy) launches ``decode.attention_decode_fwd_kernel`` (the keys as the MMA rows)
+    instead of ``attention_split_fwd_kernel``; both write the same partials.
+
     ``new_empty(shape, dtype, device)`` allocates the fp32 partial buffers. ``kv_lens`` (``[B]`` int32 or
     None): valid keys per batch row, read on the device; the split plan then covers the whole buffer.
     """
@@ -519,7 +522,10 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
     kv_same = _same_tensor(k, v)
     pdl = (key_hi - key_lo <= PDL_MAX_KEYS and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
            and not interpret_mode() and os.environ.get(DECODE_PDL_ENV, "1") != "0")
-    attention_split_fwd_kernel[(ns, B * Hkv)](
+    split_kernel = attention_split_fwd_kernel
+    if config.get("KEYS_AS_ROWS"):
+        from .decode import attention_decode_fwd_kernel as split_kernel
+    split_kernel[(ns, B * Hkv)](
         q, k, v, op, mp, lp, kpm_t, kv_lens if kv_lens is not None else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), kpm_stride,
