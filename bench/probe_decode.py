@@ -19,13 +19,12 @@ import torch
 from common import ceilings, graph_ms, l2_bytes, print_table, write_results
 
 FAMILIES = {
-    "split": [dict(BLOCK_N=16, num_warps=4, num_stages=3), dict(BLOCK_N=32, num_warps=8, num_stages=3),
-              dict(BLOCK_N=16, num_warps=4, num_stages=2, MIN_BLOCKS=2, MAX_SPLITS=512, COMBINE_D=64)],
-    "keys_as_rows": [dict(BLOCK_N=32, num_warps=4, num_stages=3), dict(BLOCK_N=32, num_warps=4, num_stages=4),
-                     dict(BLOCK_N=32, num_warps=8, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=1),
-                     dict(BLOCK_N=64, num_warps=8, num_stages=1)],
+    "split": [dict(BLOCK_N=16, num_warps=4, num_stages=3), dict(BLOCK_N=32, num_warps=8, num_stages=3)],
+    "keys_as_rows": [dict(BLOCK_N=32, num_warps=4, num_stages=3, KEYS_AS_ROWS=1),
+                     dict(BLOCK_N=64, num_warps=4, num_stages=1, KEYS_AS_ROWS=1)],
 }
-PLANS = [dict(), dict(MIN_BLOCKS=2, MAX_SPLITS=256), dict(MIN_BLOCKS=1, MAX_SPLITS=512), dict(MIN_BLOCKS=8)]
+PLANS = [dict(MIN_BLOCKS=mb, MAX_SPLITS=ms, COMBINE_D=cd, **cs) for mb in (2, 4, 8, 16) for ms in (64, 128, 256)
+         for cd in (32, 64, 128) for cs in ({}, {"COMBINE_S": 64})]
 
 
 def _cases(keys):
@@ -65,11 +64,8 @@ def main() -> None:
         cands = [("shipped", dict(shipped))]
         for fam, cfgs in FAMILIES.items():
             for cfg in cfgs:
-                for plan in PLANS if fam == "keys_as_rows" else [dict()]:
-                    c = {**cfg, **plan}
-                    if fam == "keys_as_rows":
-                        c["KEYS_AS_ROWS"] = 1
-                    cands.append((fam, c))
+                for plan in PLANS:
+                    cands.append((fam, {**cfg, **plan}))
         case = f"hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}{' K=V' if same else ''}"
         timed = []
         for fam, cfg in cands:
@@ -111,8 +107,8 @@ def main() -> None:
                     for _ in range(5):
                         best[1]()
                     torch.cuda.synchronize()
-                kern = {e.key: round(e.device_time / max(1, e.count), 2) for e in prof.key_averages()
-                        if e.device_time > 0}
+                kern = {e.key: round(e.device_time_total / max(1, e.count), 2) for e in prof.key_averages()
+                        if e.device_time_total > 0}
                 best[0]["kernel_us"] = kern
                 print(case, fam, kern, flush=True)
         del sets
@@ -125,6 +121,7 @@ def main() -> None:
                     best[f] = r
         for r in best.values():
             print(case, r["family"], r["cfg"], r["us"], r["pct_copy_bw"], flush=True)
+        write_results("decode_probe", rows, extra={"ceilings": ceil})
     print("wrote", write_results("decode_probe", rows, extra={"ceilings": ceil}))
     print_table([r for r in rows if "us" in r], ["case", "family", "cfg", "us", "pct_copy_bw", "rel"])
 

@@ -125,7 +125,8 @@ def attention_split_configs(head_dim: int, elem_bytes: int = 2, capability: int 
     """Candidate configs of the split-key (decode) kernel: ``BLOCK_N`` keys per step, warps, pipeline
     depth, and launcher keys: ``MIN_BLOCKS`` (fewest key blocks per split, default 4), ``MAX_SPLITS`` (most
     splits per KV head, default 128) and ``COMBINE_D`` (output columns per program of the combine kernel,
-    default the padded head dim)."""
+    default the padded head dim) and ``COMBINE_S`` (splits the combine kernel reads per step, default
+    ``min(16, 4096 // COMBINE_D)``); ``KEYS_AS_ROWS: 1`` runs ``decode.attention_decode_fwd_kernel``."""
     bd = block_d(head_dim)
     if elem_bytes >= 4:
         return [_cfg(0, 16, 4, 1), _cfg(0, 32, 4, 1)]

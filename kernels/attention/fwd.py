@@ -536,7 +536,7 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
         num_stages=config["num_stages"])
     lse_t = lse if lse is not None else mp
     bdc = min(bd, config.get("COMBINE_D", bd))
-    chunk = max(1, min(16, 4096 // bdc))
+    chunk = config.get("COMBINE_S", max(1, min(16, 4096 // bdc)))
     attention_combine_kernel[(B * Hkv * groups * Sq, bd // bdc)](
         op, mp, lp, o, lse_t, o.stride(0), o.stride(1), o.stride(2), Hkv, groups, Sq, ns,
         HEAD_DIM=D, BLOCK_D=bd, BLOCK_DC=bdc, BLOCK_R=br, BLOCK_S=max(2, triton.next_power_of_2(ns)),
