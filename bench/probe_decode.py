@@ -6,7 +6,7 @@ kernel (``KEYS_AS_ROWS``), several configs each, at the decode rows of ``bench_a
 Every candidate is launched through ``fwd.attention_split_fwd`` (split or decode kernel + combine kernel), checked
 against an fp32 reference of the same inputs (``rel`` = ||out - ref|| / ||ref||; bf16 rounding alone gives ~3e-3) and
 timed as CUDA-graph replays over rotated input sets (at least three L2s of K / V), rounds interleaved. The percentage
-is the decode rows' metric: K / V (+ q, o) bytes / time / the run's copy bandwidth. ``--profile`` adds per-kernel GPU
+is the decode rows' metric: K / V (+ q, o) bytes / time / the run's copy bandwidth. ``PDL``: 1 / 0 forces the programmatic dependent launch of the combine on / off. ``--profile`` adds per-kernel GPU
 times (torch.profiler) of the fastest candidate of each family. Writes ``decode_probe.json``.
 """
 from __future__ import annotations
@@ -21,10 +21,11 @@ from common import ceilings, graph_ms, l2_bytes, print_table, write_results
 FAMILIES = {
     "split": [dict(BLOCK_N=16, num_warps=4, num_stages=3), dict(BLOCK_N=32, num_warps=8, num_stages=3)],
     "keys_as_rows": [dict(BLOCK_N=32, num_warps=4, num_stages=3, KEYS_AS_ROWS=1),
+                     dict(BLOCK_N=32, num_warps=8, num_stages=3, KEYS_AS_ROWS=1),
                      dict(BLOCK_N=64, num_warps=4, num_stages=1, KEYS_AS_ROWS=1)],
 }
-PLANS = [dict(MIN_BLOCKS=mb, MAX_SPLITS=ms, COMBINE_D=cd, **cs) for mb in (2, 4, 8, 16) for ms in (64, 128, 256)
-         for cd in (32, 64, 128) for cs in ({}, {"COMBINE_S": 64})]
+PLANS = [dict(MIN_BLOCKS=mb, MAX_SPLITS=ms, COMBINE_D=cd, COMBINE_S=cs, PDL=pdl) for mb in (2, 4, 8) for ms in (64, 128)
+         for cd in (32, 64, 128) for cs in (64, 128) for pdl in (0, 1) if cd * cs <= 8192]
 
 
 def _cases(keys):

@@ -199,10 +199,12 @@ SPLIT_CASES = [c for c in CPU_CASES if c[3] <= 16]
 @pytest.mark.parametrize("keys_as_rows", [0, 1])
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "B{}H{}-{}S{}x{}D{}w{}c{}{}p{}kv{}".format(*c))
 def test_attention_cpu_split_combine_chunks(cpu_kernels, monkeypatch, case, keys_as_rows):
-    """Decode path with many one-block splits and the combine kernel split over output columns, on the split kernel
-    and on the keys-as-rows decode kernel (``KEYS_AS_ROWS``)."""
+    """Decode path with many one-block splits and the combine kernel split over output columns: the split kernel with
+    a combine that reads every split in one step, and the keys-as-rows decode kernel (``KEYS_AS_ROWS``) with a combine
+    that walks the splits four at a time (``COMBINE_S``)."""
+    extra = ', "KEYS_AS_ROWS": 1, "COMBINE_S": 4' if keys_as_rows else ""
     monkeypatch.setenv("GEMMA4_FAST_ATTN_SPLIT_CONFIG", '{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, '
-                       f'"MIN_BLOCKS": 1, "MAX_SPLITS": 512, "COMBINE_D": 32, "KEYS_AS_ROWS": {keys_as_rows}}}')
+                       f'"MIN_BLOCKS": 1, "MAX_SPLITS": 512, "COMBINE_D": 32{extra}}}')
     B, Hq, Hkv, Sq, Sk, D, window, softcap, causal, pad, kv_same = case
     q, k, v, kpm = make_inputs(B, Hq, Hkv, Sq, Sk, D, pad=pad, kv_same=kv_same)
     kw = dict(window=window, softcap=softcap, causal=causal, key_padding_mask=kpm)

@@ -341,7 +341,8 @@ def attention_combine_kernel(OP, MP, LP, O, LSE, stride_ob, stride_oh, stride_om
                              WRITE_LSE: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Merge the split partials of one query row, ``BLOCK_DC`` output columns per program; grid
     ``(B * Hkv * GROUPS * Sq, BLOCK_D // BLOCK_DC)`` (the column chunks of a row spread the partial reads over
-    more programs; the first chunk writes the LSE). ``USE_PDL``: launched as a programmatic dependent of the split
+    more programs; the first chunk writes the LSE). ``CHUNK_S`` splits are read per step; when one step covers all
+    ``BLOCK_S``, the partials, maxima and sums are loaded together. ``USE_PDL``: launched as a programmatic dependent of the split
     kernel, it computes its indices, then waits for that grid (``griddepcontrol.wait``) before reading."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -355,21 +356,30 @@ def attention_combine_kernel(OP, MP, LP, O, LSE, stride_ob, stride_oh, stride_om
     base = pid_bk.to(tl.int64) * NUM_SPLITS * BLOCK_R + r
     if USE_PDL:
         gdc_wait()
-    m_s = tl.load(MP + base + offs_s * BLOCK_R, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    offs_d = pid_d * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    smask = offs_s < NUM_SPLITS
+    m_s = tl.load(MP + base + offs_s * BLOCK_R, mask=smask, other=float("-inf"))
+    l_s = tl.load(LP + base + offs_s * BLOCK_R, mask=smask, other=0.0)
+    if CHUNK_S >= BLOCK_S:
+        # every partial in one step: the three loads are independent, so they are in flight together
+        o = tl.load(OP + (base + offs_s[:, None] * BLOCK_R) * BLOCK_D + offs_d[None, :], mask=smask[:, None],
+                    other=0.0)
     m = tl.max(m_s, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    l_s = tl.load(LP + base + offs_s * BLOCK_R, mask=offs_s < NUM_SPLITS, other=0.0)
-    l_tot = tl.sum(l_s * tl.math.exp2(m_s - m_use), 0)
-
-    offs_c = tl.arange(0, CHUNK_S)
-    offs_d = pid_d * BLOCK_DC + tl.arange(0, BLOCK_DC)
-    acc = tl.zeros([BLOCK_DC], dtype=tl.float32)
-    for s0 in range(0, BLOCK_S, CHUNK_S):
-        sc = s0 + offs_c
-        smask = sc < NUM_SPLITS
-        w = tl.math.exp2(tl.load(MP + base + sc * BLOCK_R, mask=smask, other=float("-inf")) - m_use)
-        o = tl.load(OP + (base + sc[:, None] * BLOCK_R) * BLOCK_D + offs_d[None, :], mask=smask[:, None], other=0.0)
-        acc += tl.sum(o * w[:, None], 0)
+    w_s = tl.math.exp2(m_s - m_use)
+    l_tot = tl.sum(l_s * w_s, 0)
+    if CHUNK_S >= BLOCK_S:
+        acc = tl.sum(o * w_s[:, None], 0)
+    else:
+        offs_c = tl.arange(0, CHUNK_S)
+        acc = tl.zeros([BLOCK_DC], dtype=tl.float32)
+        for s0 in range(0, BLOCK_S, CHUNK_S):
+            sc = s0 + offs_c
+            cmask = sc < NUM_SPLITS
+            w = tl.math.exp2(tl.load(MP + base + sc * BLOCK_R, mask=cmask, other=float("-inf")) - m_use)
+            oc = tl.load(OP + (base + sc[:, None] * BLOCK_R) * BLOCK_D + offs_d[None, :], mask=cmask[:, None],
+                         other=0.0)
+            acc += tl.sum(oc * w[:, None], 0)
     nonempty = l_tot > 0.0
     out = acc / tl.where(nonempty, l_tot, 1.0)
     o_ptr = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + qi.to(tl.int64) * stride_om
@@ -491,8 +501,8 @@ def num_splits(n_keys: int, block_n: int, bh_kv: int, sm_count: int, max_splits:
 def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal: bool,
                         config: dict, sm_count: int, new_empty, kv_lens=None) -> None:
     """Launch the split-key kernel and the combine kernel (decode / short query blocks); on sm_90, for key ranges up to
-    ``PDL_MAX_KEYS``, the combine is a programmatic dependent launch (its launch and index math overlap the split
-    kernel's tail; ``DECODE_PDL_ENV=0`` turns that off).
+    ``PDL_MAX_KEYS`` (or as the config's ``PDL`` says), the combine is a programmatic dependent launch (its launch and
+    index math overlap the split kernel's tail; ``DECODE_PDL_ENV=0`` turns that off).
 
     ``config["KEYS_AS_ROWS"]`` (truthy) launches ``decode.attention_decode_fwd_kernel`` (the keys as the MMA rows)
     instead of ``attention_split_fwd_kernel``; both write the same partials.
@@ -520,8 +530,9 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
     mp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
     lp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
     kv_same = _same_tensor(k, v)
-    pdl = (key_hi - key_lo <= PDL_MAX_KEYS and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-           and not interpret_mode() and os.environ.get(DECODE_PDL_ENV, "1") != "0")
+    pdl = (bool(config.get("PDL", key_hi - key_lo <= PDL_MAX_KEYS)) and q.is_cuda
+           and torch.cuda.get_device_capability(q.device)[0] >= 9 and not interpret_mode()
+           and os.environ.get(DECODE_PDL_ENV, "1") != "0")
     split_kernel = attention_split_fwd_kernel
     if config.get("KEYS_AS_ROWS"):
         from .decode import attention_decode_fwd_kernel as split_kernel
