@@ -421,9 +421,8 @@ def _fuzz_one(B, G, Hkv, Sk, frac, D, window, pad, seed):
 @pytest.mark.cuda
 @pytest.mark.parametrize("sk,window", [(2000, None), (5000, 512), (20000, None)])
 def test_decode_pdl_gpu(monkeypatch, sk, window):
-    """The split-key decode with the combine as a programmatic dependent launch (sm_90, key ranges up to
-    ``fwd.PDL_MAX_KEYS``) gives the same bits as two plain launches, eagerly and replayed from a CUDA graph (the
-    dependency is captured); longer ranges take the plain launches either way."""
+    """The split-key decode with the combine as a programmatic dependent launch (sm_90) gives the same bits as two
+    plain launches, eagerly and replayed from a CUDA graph (the dependency is captured)."""
     from gemma4_fast.kernels.attention import fwd
 
     q, k, v, _ = make_inputs(1, 16, 2, 1, sk, 512, dtype=torch.bfloat16, device="cuda")

@@ -148,8 +148,9 @@ def _compile_cfg(kind: str, head_dim: int, dt: str, cfg: dict, capability: int) 
     bd = C.block_d(head_dim)
     if kind == "combine":
         bdc = min(bd, cfg.get("COMBINE_D", bd))
-        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DC=bdc, BLOCK_R=16, BLOCK_S=cfg.get("BLOCK_S", 128),
-                  CHUNK_S=max(1, min(16, 4096 // bdc)), WRITE_LSE=True, USE_PDL=capability == 90)
+        bs = cfg.get("BLOCK_S", 128)
+        ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DC=bdc, BLOCK_R=16, BLOCK_S=bs,
+                  CHUNK_S=cfg.get("COMBINE_S", max(1, min(bs, 8192 // bdc))), WRITE_LSE=True, USE_PDL=capability == 90)
         return compile_like_launch(fwd.attention_combine_kernel, dt, ce, capability, 4 if bdc >= 256 else 2, 1)
     if kind == "fwd" and cfg.get("HOPPER"):
         assert capability == 90, "the Hopper kernel is offered on sm_90 only"
@@ -222,7 +223,9 @@ def test_default_configs_compile():
             ("scores", 512, "bf16", C.attention_scores_configs(512, 2, 80)[0], 80),
             ("combine", 512, "bf16", {}, 80), ("combine", 512, "bf16", {}, 90),
             ("combine", 512, "bf16", {"COMBINE_D": 64, "BLOCK_S": 512}, 80),
-            ("combine", 512, "bf16", {"COMBINE_D": 128, "BLOCK_S": 256}, 90)]
+            ("combine", 512, "bf16", {"COMBINE_D": 128, "BLOCK_S": 256}, 90),
+            ("combine", 512, "bf16", {"COMBINE_D": 64, "BLOCK_S": 128}, 90),
+            ("combine", 512, "bf16", {"COMBINE_D": 64, "BLOCK_S": 256, "COMBINE_S": 16}, 80)]
     jobs += [("fwd", 512, "bf16", {"HOPPER": 1, "WS": 1, "BLOCK_N": 32, "Q_SPLIT": qs}, 90) for qs in (1, 2)]
     _check_many(jobs)
 

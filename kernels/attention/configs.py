@@ -124,9 +124,14 @@ def portable_config(head_dim: int, elem_bytes: int = 2, capability: int = 90) ->
 def attention_split_configs(head_dim: int, elem_bytes: int = 2, capability: int = 90) -> list[dict[str, int]]:
     """Candidate configs of the split-key (decode) kernel: ``BLOCK_N`` keys per step, warps, pipeline
     depth, and launcher keys: ``MIN_BLOCKS`` (fewest key blocks per split, default 4), ``MAX_SPLITS`` (most
-    splits per KV head, default 128) and ``COMBINE_D`` (output columns per program of the combine kernel,
-    default the padded head dim) and ``COMBINE_S`` (splits the combine kernel reads per step, default
-    ``min(16, 4096 // COMBINE_D)``); ``KEYS_AS_ROWS: 1`` runs ``decode.attention_decode_fwd_kernel``."""
+    splits per KV head, default 128), ``PROGRAMS_PER_SM`` (split programs per SM over all (batch, KV head) pairs,
+    default 4), ``COMBINE_D`` (output columns per program of the combine kernel, default the padded head dim),
+    ``COMBINE_S`` (splits the combine kernel reads per step, default all of them up to 8192 partial elements),
+    ``PDL`` (0: plain launch of the combine on sm_90). ``KEYS_AS_ROWS: 1`` runs
+    ``decode.attention_decode_fwd_kernel`` (keys as the MMA rows: warpgroup MMAs for ``v^T @ p^T`` on sm_90).
+
+    The head_dim-512 list leads with the H100's decode winners of ``bench/probe_decode.py``: one wave of programs
+    (``PROGRAMS_PER_SM: 1``), every split combined in one step."""
     bd = block_d(head_dim)
     if elem_bytes >= 4:
         return [_cfg(0, 16, 4, 1), _cfg(0, 32, 4, 1)]
@@ -135,11 +140,17 @@ def attention_split_configs(head_dim: int, elem_bytes: int = 2, capability: int 
     if bd <= 256:
         return [_cfg(0, 32, 4, 3), _cfg(0, 64, 4, 2), _cfg(0, 64, 8, 3), _cfg(0, 32, 4, 3, min_blocks=8),
                 dict(_cfg(0, 32, 4, 3), COMBINE_D=128),
-                dict(_cfg(0, 32, 4, 3, min_blocks=2), MAX_SPLITS=256, COMBINE_D=128)]
-    return [_cfg(0, 16, 4, 3), _cfg(0, 32, 4, 2), _cfg(0, 32, 8, 3), _cfg(0, 16, 4, 3, min_blocks=8),
-            dict(_cfg(0, 16, 4, 3), COMBINE_D=128), dict(_cfg(0, 16, 4, 3, min_blocks=2), MAX_SPLITS=256, COMBINE_D=128),
-            dict(_cfg(0, 32, 4, 2, min_blocks=2), MAX_SPLITS=256, COMBINE_D=128),
-            dict(_cfg(0, 16, 4, 2, min_blocks=2), MAX_SPLITS=512, COMBINE_D=64)]
+                dict(_cfg(0, 32, 4, 3, min_blocks=2), MAX_SPLITS=256, COMBINE_D=128),
+                dict(_cfg(0, 16, 4, 3, min_blocks=2), MAX_SPLITS=256, COMBINE_D=32),
+                dict(_cfg(0, 16, 4, 3, min_blocks=2), MAX_SPLITS=256, PROGRAMS_PER_SM=1, COMBINE_D=64),
+                dict(_cfg(0, 32, 4, 3, min_blocks=2), KEYS_AS_ROWS=1, MAX_SPLITS=256, PROGRAMS_PER_SM=1, COMBINE_D=64)]
+    one_wave = dict(MIN_BLOCKS=2, MAX_SPLITS=256, PROGRAMS_PER_SM=1)
+    return [dict(_cfg(0, 32, 4, 3), KEYS_AS_ROWS=1, COMBINE_D=64, **one_wave),
+            dict(_cfg(0, 32, 4, 3), KEYS_AS_ROWS=1, COMBINE_D=128, **one_wave),
+            dict(_cfg(0, 32, 4, 3), KEYS_AS_ROWS=1, COMBINE_D=64, MIN_BLOCKS=2, MAX_SPLITS=256, PROGRAMS_PER_SM=2),
+            dict(_cfg(0, 32, 8, 3), COMBINE_D=64, **one_wave), dict(_cfg(0, 16, 4, 3), COMBINE_D=64, **one_wave),
+            dict(_cfg(0, 16, 4, 3), COMBINE_D=64, MIN_BLOCKS=2, MAX_SPLITS=256, PROGRAMS_PER_SM=2),
+            dict(_cfg(0, 16, 4, 3), COMBINE_D=128), dict(_cfg(0, 16, 4, 2, min_blocks=2), MAX_SPLITS=512, COMBINE_D=64)]
 
 
 def attention_scores_configs(head_dim: int, elem_bytes: int = 2, capability: int = 90) -> list[dict[str, int]]:

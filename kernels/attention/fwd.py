@@ -35,10 +35,6 @@ LOG2E = 1.4426950408889634
 BIG = 1 << 30
 #: Set to "0" to launch the decode combine kernel without programmatic dependent launch (A/Bs, diagnosis).
 DECODE_PDL_ENV = "GEMMA4_FAST_DECODE_PDL"
-#: Longest key range launched with programmatic dependent launch: measured on the H100 (graph replays), it took
-#: 4-8 % off decode at 2k keys and windows of 512-1024, 1-4 % at 8k, and was 1-3 % slower at 32k (within the
-#: run-to-run spread; the split kernel then dominates).
-PDL_MAX_KEYS = 8192
 
 
 @triton.jit
@@ -489,20 +485,25 @@ def split_rows(groups: int, sq: int) -> int:
 
 
 def num_splits(n_keys: int, block_n: int, bh_kv: int, sm_count: int, max_splits: int = 128,
-               min_blocks: int = 4) -> tuple[int, int]:
-    """``(splits, keys_per_split)``: about four programs per SM, whole key blocks per split, at least
-    ``min_blocks`` blocks per split (fewer, longer splits keep the fp32 partials small next to K/V)."""
+               min_blocks: int = 4, programs_per_sm: int = 4) -> tuple[int, int]:
+    """``(splits, keys_per_split)``: about ``programs_per_sm`` programs per SM over the ``bh_kv`` (batch, KV head)
+    pairs, whole key blocks per split, at least ``min_blocks`` blocks per split (fewer, longer splits keep the fp32
+    partials small next to K/V), at most ``max_splits``."""
     n_blocks = max(1, triton.cdiv(n_keys, block_n))
-    want = max(1, min(n_blocks // min_blocks, triton.cdiv(4 * sm_count, max(bh_kv, 1)), max_splits))
+    want = max(1, min(n_blocks // min_blocks, triton.cdiv(programs_per_sm * sm_count, max(bh_kv, 1)), max_splits))
     per = triton.cdiv(n_blocks, want)
     return triton.cdiv(n_blocks, per), per * block_n
 
 
 def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, causal: bool,
                         config: dict, sm_count: int, new_empty, kv_lens=None) -> None:
-    """Launch the split-key kernel and the combine kernel (decode / short query blocks); on sm_90, for key ranges up to
-    ``PDL_MAX_KEYS`` (or as the config's ``PDL`` says), the combine is a programmatic dependent launch (its launch and
-    index math overlap the split kernel's tail; ``DECODE_PDL_ENV=0`` turns that off).
+    """Launch the split-key kernel and the combine kernel (decode / short query blocks); on sm_90 the combine is a
+    programmatic dependent launch (its launch and index math overlap the split kernel's tail; a config's ``PDL: 0``
+    or ``DECODE_PDL_ENV=0`` turns that off).
+
+    Config keys besides the kernel's tile: ``MIN_BLOCKS``, ``MAX_SPLITS``, ``PROGRAMS_PER_SM`` (the split plan,
+    ``num_splits``), ``COMBINE_D`` (output columns per combine program) and ``COMBINE_S`` (splits per combine step;
+    default every split at once while that is at most 8192 partial elements per program).
 
     ``config["KEYS_AS_ROWS"]`` (truthy) launches ``decode.attention_decode_fwd_kernel`` (the keys as the MMA rows)
     instead of ``attention_split_fwd_kernel``; both write the same partials.
@@ -525,12 +526,12 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
     else:
         key_lo, key_hi = 0, Sk
     ns, per = num_splits(key_hi - key_lo, bn, B * Hkv, sm_count, max_splits=config.get("MAX_SPLITS", 128),
-                         min_blocks=config.get("MIN_BLOCKS", 4))
+                         min_blocks=config.get("MIN_BLOCKS", 4), programs_per_sm=config.get("PROGRAMS_PER_SM", 4))
     op = new_empty((B * Hkv, ns, br, bd), torch.float32, q.device)
     mp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
     lp = new_empty((B * Hkv, ns, br), torch.float32, q.device)
     kv_same = _same_tensor(k, v)
-    pdl = (bool(config.get("PDL", key_hi - key_lo <= PDL_MAX_KEYS)) and q.is_cuda
+    pdl = (bool(config.get("PDL", 1)) and q.is_cuda
            and torch.cuda.get_device_capability(q.device)[0] >= 9 and not interpret_mode()
            and os.environ.get(DECODE_PDL_ENV, "1") != "0")
     split_kernel = attention_split_fwd_kernel
@@ -547,10 +548,11 @@ def attention_split_fwd(q, k, v, o, lse, kpm, *, scale: float, window, softcap, 
         num_stages=config["num_stages"])
     lse_t = lse if lse is not None else mp
     bdc = min(bd, config.get("COMBINE_D", bd))
-    chunk = config.get("COMBINE_S", max(1, min(16, 4096 // bdc)))
+    block_s = max(2, triton.next_power_of_2(ns))
+    chunk = config.get("COMBINE_S", max(1, min(block_s, 8192 // bdc)))
     attention_combine_kernel[(B * Hkv * groups * Sq, bd // bdc)](
         op, mp, lp, o, lse_t, o.stride(0), o.stride(1), o.stride(2), Hkv, groups, Sq, ns,
-        HEAD_DIM=D, BLOCK_D=bd, BLOCK_DC=bdc, BLOCK_R=br, BLOCK_S=max(2, triton.next_power_of_2(ns)),
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_DC=bdc, BLOCK_R=br, BLOCK_S=block_s,
         CHUNK_S=triton.next_power_of_2(chunk), WRITE_LSE=lse is not None, USE_PDL=pdl,
         num_warps=4 if bdc >= 256 else 2, launch_pdl=pdl)
 
