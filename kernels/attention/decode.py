@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from .fwd import _scores
+from .fwd import _scores, _split_keys
 
 
 @triton.jit(do_not_specialize=["H_KV", "GROUPS", "SQ", "SK", "WL", "WR", "key_lo", "key_hi", "keys_per_split",
@@ -61,17 +61,8 @@ def attention_decode_fwd_kernel(Q, K, V, OP, MP, LP, KPM, KVLEN,
     k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
     kpm_base = KPM + off_b64 * stride_kpmb
-    if HAS_KVLEN:
-        sk = tl.load(KVLEN + off_b)
-    else:
-        sk = SK
+    sk, start, end = _split_keys(KVLEN, off_b, pid_s, SK, SQ, WL, key_lo, key_hi, keys_per_split, HAS_KVLEN, BLOCK_N)
     pos = qi + (sk - SQ)
-
-    start = key_lo + pid_s * keys_per_split
-    end = tl.minimum(start + keys_per_split, key_hi)
-    if HAS_KVLEN:
-        end = tl.minimum(end, sk)
-        start = tl.maximum(start, (tl.maximum(sk - SQ - WL, 0) // BLOCK_N) * BLOCK_N)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D, BLOCK_R], dtype=tl.float32)

@@ -261,6 +261,24 @@ def attention_fwd_kernel(Q, K, V, O, LSE, KPM,
             tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=offs_m < SQ)
 
 
+@triton.jit
+def _split_keys(KVLEN, off_b, pid_s, SK, SQ, WL, key_lo, key_hi, keys_per_split, HAS_KVLEN: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """``(sk, start, end)`` of split ``pid_s`` of batch row ``off_b``: the valid key count (``KVLEN[b]`` on the device
+    with ``HAS_KVLEN``, else ``SK``) and the split's key range, cut to the valid keys and, with ``HAS_KVLEN``, started
+    at the first block the window of the last query can see."""
+    if HAS_KVLEN:
+        sk = tl.load(KVLEN + off_b)
+    else:
+        sk = SK
+    start = key_lo + pid_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, key_hi)
+    if HAS_KVLEN:
+        end = tl.minimum(end, sk)
+        start = tl.maximum(start, (tl.maximum(sk - SQ - WL, 0) // BLOCK_N) * BLOCK_N)
+    return sk, start, end
+
+
 @triton.jit(do_not_specialize=["H_KV", "GROUPS", "SQ", "SK", "WL", "WR", "key_lo", "key_hi", "keys_per_split",
                               "NUM_SPLITS"])
 def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM, KVLEN,
@@ -305,17 +323,8 @@ def attention_split_fwd_kernel(Q, K, V, OP, MP, LP, KPM, KVLEN,
     k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
     kpm_base = KPM + off_b64 * stride_kpmb
-    if HAS_KVLEN:
-        sk = tl.load(KVLEN + off_b)
-    else:
-        sk = SK
+    sk, start, end = _split_keys(KVLEN, off_b, pid_s, SK, SQ, WL, key_lo, key_hi, keys_per_split, HAS_KVLEN, BLOCK_N)
     pos = qi + (sk - SQ)
-
-    start = key_lo + pid_s * keys_per_split
-    end = tl.minimum(start + keys_per_split, key_hi)
-    if HAS_KVLEN:
-        end = tl.minimum(end, sk)
-        start = tl.maximum(start, (tl.maximum(sk - SQ - WL, 0) // BLOCK_N) * BLOCK_N)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
