@@ -418,6 +418,33 @@ def _fuzz_one(B, G, Hkv, Sk, frac, D, window, pad, seed):
     gpu_case(B, G * Hkv, Hkv, Sq, Sk, D, window, None, True, [0, pad][:B] if pad else None, False, seed=seed)
 
 
+DECODE_PINS = {
+    "split": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 3, "KEYS_AS_ROWS": 0, "MIN_BLOCKS": 2, "MAX_SPLITS": 256,
+              "PROGRAMS_PER_SM": 1, "COMBINE_D": 64},
+    "keys_as_rows": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "KEYS_AS_ROWS": 1, "MIN_BLOCKS": 2,
+                     "MAX_SPLITS": 256, "PROGRAMS_PER_SM": 1, "COMBINE_D": 128},
+    "keys_as_rows_chunked": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "KEYS_AS_ROWS": 1, "MIN_BLOCKS": 1,
+                             "MAX_SPLITS": 512, "COMBINE_D": 64, "COMBINE_S": 16, "PDL": 0},
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pin", list(DECODE_PINS))
+@pytest.mark.parametrize("case", [
+    (1, 16, 2, 1, 8191, 512, None, None, True, None, False),
+    (2, 8, 1, 1, 3001, 256, 512, None, True, [0, 700], False),
+    (1, 16, 2, 2, 2049, 512, None, 50.0, True, None, True),
+    (3, 8, 1, 1, 33333, 512, None, None, True, [0, 40000, 17], False),
+], ids=lambda c: "B{}H{}-{}S{}x{}D{}w{}c{}{}p{}kv{}".format(*c) if isinstance(c, tuple) else c)
+def test_decode_kernels_gpu(poison, monkeypatch, case, pin):
+    """Both decode kernels (pinned: the split kernel, the keys-as-rows kernel, the latter also with many splits, a
+    chunked combine and plain launches) in bf16 against fp64 and torch eager by the three-way rule, whatever the
+    tuned table picks."""
+    import json
+    monkeypatch.setenv("GEMMA4_FAST_ATTN_SPLIT_CONFIG", json.dumps(DECODE_PINS[pin]))
+    gpu_case(*case)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("sk,window", [(2000, None), (5000, 512), (20000, None)])
 def test_decode_pdl_gpu(monkeypatch, sk, window):
