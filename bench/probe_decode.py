@@ -6,8 +6,10 @@ kernel (``KEYS_AS_ROWS``), several configs each, at the decode rows of ``bench_a
 Every candidate is launched through ``fwd.attention_split_fwd`` (split or decode kernel + combine kernel), checked
 against an fp32 reference of the same inputs (``rel`` = ||out - ref|| / ||ref||; bf16 rounding alone gives ~3e-3) and
 timed as CUDA-graph replays over rotated input sets (at least three L2s of K / V), rounds interleaved. The percentage
-is the decode rows' metric: K / V (+ q, o) bytes / time / the run's copy bandwidth. ``PDL``: 1 / 0 forces the programmatic dependent launch of the combine on / off. ``--profile`` adds per-kernel GPU
-times (torch.profiler) of the fastest candidate of each family. Writes ``decode_probe.json``.
+is the decode rows' metric: K / V (+ q, o) bytes / time / the run's copy bandwidth. A plan's ``PDL`` (1 / 0) turns
+the programmatic dependent launch of the combine on / off. ``--profile`` adds per-kernel GPU times (torch.profiler;
+with PDL the combine's time includes its wait for the split grid) of the fastest candidate of each family. Writes
+``decode_probe.json``.
 """
 from __future__ import annotations
 

@@ -150,8 +150,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
         scores over visible keys, ``-inf`` for rows with no visible key.
 
     Paths: ``Sq <= 16`` with few rows per KV head (decode) uses the split-key kernel (grid over key
-    chunks x KV heads, GQA heads packed into rows, then a combine kernel); everything else the prefill
-    kernel. Inputs that need gradients, tensors without a Triton backend and other dtypes go to
+    chunks x KV heads, GQA heads packed into rows, then a combine kernel; where the tuned config says
+    ``KEYS_AS_ROWS``, e.g. head_dim 512 on the H100, its transposed form in ``decode.py``); everything else the
+    prefill kernel. Inputs that need gradients, tensors without a Triton backend and other dtypes go to
     ``attention_naive`` (logged once per reason). Raises ``ValueError`` naming the argument for bad
     shapes, dtypes, head_dim > 512, window < 1 or softcap <= 0.
     """

@@ -347,8 +347,9 @@ def attention_combine_kernel(OP, MP, LP, O, LSE, stride_ob, stride_oh, stride_om
     """Merge the split partials of one query row, ``BLOCK_DC`` output columns per program; grid
     ``(B * Hkv * GROUPS * Sq, BLOCK_D // BLOCK_DC)`` (the column chunks of a row spread the partial reads over
     more programs; the first chunk writes the LSE). ``CHUNK_S`` splits are read per step; when one step covers all
-    ``BLOCK_S``, the partials, maxima and sums are loaded together. ``USE_PDL``: launched as a programmatic dependent of the split
-    kernel, it computes its indices, then waits for that grid (``griddepcontrol.wait``) before reading."""
+    ``BLOCK_S``, the partials, maxima and sums are loaded together. ``USE_PDL``: launched as a programmatic
+    dependent of the split kernel, it computes its indices, then waits for that grid (``griddepcontrol.wait``)
+    before reading."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     n_rows = GROUPS * SQ
