@@ -1,7 +1,7 @@
 """Decode (Sq = 1) kernels side by side: the split kernel (query rows as the MMA rows) against the keys-as-rows
 kernel (``KEYS_AS_ROWS``), several configs each, at the decode rows of ``bench_attention.py --final --only decode``.
 
-    python bench/probe_decode.py [--keys 2048 8192 32768 131072] [--rounds 2] [--profile]
+    python bench/probe_decode.py [--keys 2048 8192 32768 131072] [--rounds 2] [--profile] [--decompose]
 
 Every candidate is launched through ``fwd.attention_split_fwd`` (split or decode kernel + combine kernel), checked
 against an fp32 reference of the same inputs (``rel`` = ||out - ref|| / ||ref||; bf16 rounding alone gives ~3e-3) and
@@ -37,12 +37,60 @@ def _cases(keys):
     return out
 
 
+class _Skip:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def decompose(keys) -> None:
+    """Graph-replay time of the shipped decode step, of its split kernel alone and of its combine kernel alone (the
+    other replaced by a no-op launch; the combine then reads stale partials), hd512 16q/2kv; ``decode_split.json``."""
+    from gemma4_fast.kernels.attention import api, decode, fwd
+    rows = []
+    ceil = ceilings()
+    for Sk in keys:
+        kv_bytes = 2 * 2 * Sk * 512 * 2
+        n_sets = max(1, min(16, -(-3 * l2_bytes() // kv_bytes)))
+        sets = [tuple(torch.randn(1, h, s, 512, device="cuda", dtype=torch.bfloat16) for h, s in ((16, 1), (2, Sk),
+                                                                                                  (2, Sk)))
+                for _ in range(n_sets)]
+
+        def step():
+            for q, k, v in sets:
+                api.attention(q, k, v, scale=1.0)
+        row = {"Sk": Sk, "sets": n_sets}
+        saved = (fwd.attention_split_fwd_kernel, decode.attention_decode_fwd_kernel, fwd.attention_combine_kernel)
+        for name, patch in (("step", {}), ("split_only", {"attention_combine_kernel": _Skip()}),
+                            ("combine_only", {"attention_split_fwd_kernel": _Skip(),
+                                              "attention_decode_fwd_kernel": _Skip()})):
+            for attr, val in patch.items():
+                setattr(decode if attr == "attention_decode_fwd_kernel" else fwd, attr, val)
+            try:
+                row[name + "_us"] = round(min(graph_ms(step, reps=20) for _ in range(3)) / n_sets * 1e3, 2)
+            finally:
+                fwd.attention_split_fwd_kernel, decode.attention_decode_fwd_kernel, fwd.attention_combine_kernel = saved
+        row["pct_copy_bw"] = round(100 * kv_bytes / (row["step_us"] * 1e-6) / (ceil["copy_TBps"] * 1e12), 1)
+        rows.append(row)
+        print(row, flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    print("wrote", write_results("decode_split", rows, extra={"ceilings": ceil}))
+    print_table(rows, ["Sk", "step_us", "split_only_us", "combine_only_us", "pct_copy_bw", "sets"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--keys", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--decompose", action="store_true",
+                    help="only the shipped config: the whole step, the split kernel alone and the combine alone")
     args = ap.parse_args()
+    if args.decompose:
+        decompose(args.keys)
+        return
     from gemma4_fast.kernels.attention import configs as C
     from gemma4_fast.kernels.attention import fwd
     sm = torch.cuda.get_device_properties(0).multi_processor_count
