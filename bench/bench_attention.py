@@ -262,21 +262,22 @@ def _graph_ms(fns) -> float:
     return cuda_time_ms(g.replay, warmup=3, rep=20)["ms"] / len(fns)
 
 
-def decode_rows(ceil: dict) -> list[dict]:
-    """Public-op decode (Sq = 1) timed as CUDA-graph replays over rotated inputs; GB/s of K/V (+ q, o) read."""
+def decode_rows(ceil: dict, batch: int = 1) -> list[dict]:
+    """Public-op decode (Sq = 1) timed as CUDA-graph replays over rotated inputs; GB/s of K/V (+ q, o) read.
+    ``batch``: sequences per step, each with its own ``Sk`` keys (the tables' cases are batch 1)."""
     from gemma4_fast.kernels.attention import attention
     rows = []
     for D, Hq, Hkv, Sk, W in [(512, 16, 2, n, None) for n in (2048, 8192, 32768, 131072)] + \
                              [(256, 16, 8, 32768, 1024), (256, 8, 1, 32768, 512), (512, 8, 1, 32768, None)]:
         keys = min(Sk, W or Sk)
-        kv_bytes = 2 * Hkv * keys * D * 2
+        kv_bytes = 2 * batch * Hkv * keys * D * 2
         n_sets = max(1, min(16, -(-3 * L2_BYTES // kv_bytes)))
-        sets = [make_qkv(1, Hq, Hkv, 1, Sk, D, seed=i) for i in range(n_sets)]
+        sets = [make_qkv(batch, Hq, Hkv, 1, Sk, D, seed=i) for i in range(n_sets)]
         fns = [(lambda q=q, k=k, v=v: attention(q, k, v, scale=1.0, window=W)) for q, k, v in sets]
         t = _graph_ms(fns)
-        gbps = (kv_bytes + 2 * Hq * D * 2) / (t * 1e-3) / 1e9
-        rows.append({"case": f"decode hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}", "op": "decode",
-                     "head_dim": D, "Sk": Sk, "window": W, "Hq": Hq, "Hkv": Hkv, "ms": round(t, 4),
+        gbps = (kv_bytes + 2 * batch * Hq * D * 2) / (t * 1e-3) / 1e9
+        rows.append({"case": f"decode hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}"
+                             + (f" B{batch}" if batch > 1 else ""), "op": "decode", "B": batch, "head_dim": D, "Sk": Sk, "window": W, "Hq": Hq, "Hkv": Hkv, "ms": round(t, 4),
                      "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / (ceil["copy_TBps"] * 1e3), 1),
                      "sets": n_sets})
         print(rows[-1], flush=True)
@@ -367,6 +368,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill-only", action="store_true", help="with --final: the prefill rows only")
     ap.add_argument("--only", default=None, help="sweep only the cases whose name contains this (e.g. decode); "
                     "with --final, 'decode' runs only the decode rows (attention_decode.json)")
+    ap.add_argument("--decode-batch", type=int, default=1, help="with --final --only decode: sequences per step "
+                    "(rows written to attention_decode_b<N>.json when N > 1)")
     args = ap.parse_args(argv)
     if args.final and args.only not in (None, "decode"):
         ap.error("with --final, --only takes only 'decode'")
@@ -377,8 +380,9 @@ def main(argv=None) -> None:
         sweep(False, out_dir, args.only)
     if args.final and args.only == "decode":
         ceil = ceilings()
-        rows = decode_rows(ceil)
-        print("wrote", write_results("attention_decode", rows, out_dir=out_dir, extra={"ceilings": ceil}))
+        rows = decode_rows(ceil, args.decode_batch)
+        name = "attention_decode" + (f"_b{args.decode_batch}" if args.decode_batch > 1 else "")
+        print("wrote", write_results(name, rows, out_dir=out_dir, extra={"ceilings": ceil}))
         print_table(rows, ["case", "ms", "GBps", "pct_copy_bw", "sets"])
     elif args.final or not (args.compile_only or args.sweep):
         final(out_dir, with_sdpa=not args.no_sdpa, prefill_only=args.prefill_only)
