@@ -338,6 +338,10 @@ def test_split_plan():
     assert split_rows(8, 1) == 16 and split_rows(16, 2) == 32
     ns, per = num_splits(131072, 32, 2, 132)
     assert ns * per >= 131072 and per % 32 == 0 and (ns - 1) * per < 131072
+    for n_keys, bh_kv, pps in ((32768, 8, 1), (131072, 10, 1), (8192, 2, 1), (2048, 6, 4), (32768, 200, 1)):
+        ns, per = num_splits(n_keys, 32, bh_kv, 132, max_splits=256, min_blocks=2, programs_per_sm=pps)
+        assert ns * per >= n_keys and (ns - 1) * per < n_keys and per % 32 == 0
+        assert ns * bh_kv <= max(pps * 132, bh_kv), (n_keys, bh_kv, ns)
     assert api.use_split_path(8, 1, 512) and not api.use_split_path(16, 4, 512)
     assert not api.use_split_path(1, 100, 64)
 
