@@ -276,8 +276,9 @@ def decode_rows(ceil: dict, batch: int = 1) -> list[dict]:
         fns = [(lambda q=q, k=k, v=v: attention(q, k, v, scale=1.0, window=W)) for q, k, v in sets]
         t = _graph_ms(fns)
         gbps = (kv_bytes + 2 * batch * Hq * D * 2) / (t * 1e-3) / 1e9
-        rows.append({"case": f"decode hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}"
-                             + (f" B{batch}" if batch > 1 else ""), "op": "decode", "B": batch, "head_dim": D, "Sk": Sk, "window": W, "Hq": Hq, "Hkv": Hkv, "ms": round(t, 4),
+        case = f"decode hd{D} {'full' if W is None else f'w{W}'} Sk={Sk} H{Hq}/{Hkv}"
+        rows.append({"case": case + (f" B{batch}" if batch > 1 else ""), "op": "decode", "B": batch, "head_dim": D,
+                     "Sk": Sk, "window": W, "Hq": Hq, "Hkv": Hkv, "ms": round(t, 4),
                      "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / (ceil["copy_TBps"] * 1e3), 1),
                      "sets": n_sets})
         print(rows[-1], flush=True)

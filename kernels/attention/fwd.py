@@ -497,10 +497,10 @@ def split_rows(groups: int, sq: int) -> int:
 def num_splits(n_keys: int, block_n: int, bh_kv: int, sm_count: int, max_splits: int = 128,
                min_blocks: int = 4, programs_per_sm: int = 4) -> tuple[int, int]:
     """``(splits, keys_per_split)``: at most ``programs_per_sm`` programs per SM over the ``bh_kv`` (batch, KV head)
-    pairs (rounded down: with one program per SM a plan of ``sm_count + 4`` programs would run its last 4 as a
-    second wave, e.g. 17 splits x 8 pairs on 132 SMs took 1.35x the time of 16 x 8 at 32k keys), whole key blocks
-    per split, at least ``min_blocks`` blocks per split (fewer, longer splits keep the fp32 partials small next to
-    K/V), at most ``max_splits``, at least one."""
+    pairs (rounded down: with one program per SM, 17 splits for 8 pairs on 132 SMs would make 136 programs, the
+    last 4 a second wave as long as the first; see docs/notes/attention.md, "Decode v5"), whole key blocks per
+    split, at least ``min_blocks`` blocks per split (fewer, longer splits keep the fp32 partials small next to K/V),
+    at most ``max_splits``, at least one."""
     n_blocks = max(1, triton.cdiv(n_keys, block_n))
     want = max(1, min(n_blocks // min_blocks, programs_per_sm * sm_count // max(bh_kv, 1), max_splits))
     per = triton.cdiv(n_blocks, want)
